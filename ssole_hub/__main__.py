@@ -1,0 +1,5 @@
+import sys
+
+from ssole_hub.cli import main
+
+sys.exit(main())
