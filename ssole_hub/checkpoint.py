@@ -97,15 +97,21 @@ def load_model_checkpoint(path: str | Path) -> ModelCheckpoint:
         raise CheckpointError(f"{path} is not a readable torch checkpoint: {exc}") from exc
     if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
         found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
-        raise CheckpointError(f"{path} is not an SSOLE checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})")
+        raise CheckpointError(
+            f"{path} is not an SSOLE checkpoint (format {found!r}, expected {CHECKPOINT_FORMAT!r})"
+        )
     missing = [k for k in ("arch", "model", "projector_config") if k not in raw]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}")
     model = raw["model"]
     return ModelCheckpoint(
         arch=raw["arch"],
-        backbone={k.removeprefix("backbone."): v for k, v in model.items() if k.startswith("backbone.")},
-        projector={k.removeprefix("projector."): v for k, v in model.items() if k.startswith("projector.")},
+        backbone={
+            k.removeprefix("backbone."): v for k, v in model.items() if k.startswith("backbone.")
+        },
+        projector={
+            k.removeprefix("projector."): v for k, v in model.items() if k.startswith("projector.")
+        },
         projector_config=dict(raw["projector_config"]),
         pretrained_cfg=dict(raw.get("pretrained_cfg") or {}),
         metadata=dict(raw.get("metadata") or {}),

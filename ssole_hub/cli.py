@@ -15,7 +15,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     # --- export / validate / push (ssole_hub.hub) ---------------------------------------------
-    p = sub.add_parser("export", help="export a training checkpoint as a timm-compatible hub folder")
+    p = sub.add_parser(
+        "export", help="export a training checkpoint as a timm-compatible hub folder"
+    )
     p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
@@ -62,7 +64,11 @@ def _push(args: argparse.Namespace) -> int:
 
     print(
         push_to_hub(
-            args.folder, args.repo, revision=args.revision, private=args.private, commit_message=args.message
+            args.folder,
+            args.repo,
+            revision=args.revision,
+            private=args.private,
+            commit_message=args.message,
         )
     )
     return 0

@@ -21,7 +21,9 @@ def nuclear_norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(x).sum(-1)
 
 
-def ssole_loss(z: torch.Tensor, lambda_: float = 0.6, gamma: float = 0.5, gather: bool = False) -> SSOLELossParts:
+def ssole_loss(
+    z: torch.Tensor, lambda_: float = 0.6, gamma: float = 0.5, gather: bool = False
+) -> SSOLELossParts:
     z = z.float()
     b, n, d = z.shape
     centred = z - z.mean(1, keepdim=True).detach()

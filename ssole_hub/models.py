@@ -27,7 +27,6 @@ RECIPE_STD = (0.228, 0.224, 0.225)
 
 def _cfg(**kwargs) -> dict:
     return {
-        "hf_hub_id": f"{HUB_ORG}/",
         "num_classes": 0,
         "input_size": (3, 224, 224),
         "pool_size": (7, 7),
@@ -43,17 +42,21 @@ def _cfg(**kwargs) -> dict:
     }
 
 
+_pretrained = {
+    # The released SSOLE recipe: ImageNet-100, 4 views of 224 px, 100 epochs.
+    "ssole_resnet18.in100_m4": _cfg(),
+    # The ImageNet-1k recipe: ResNet-50, 8 views.
+    "ssole_resnet50.in1k_m8": _cfg(),
+}
+# Every tag lives in its own Hub repo, ``<org>/<model>.<tag>``.
 default_cfgs = generate_default_cfgs(
-    {
-        # The released SSOLE recipe: ImageNet-100, 4 views of 224 px, 100 epochs.
-        "ssole_resnet18.in100_m4": _cfg(),
-        # The ImageNet-1k recipe: ResNet-50, 8 views.
-        "ssole_resnet50.in1k_m8": _cfg(),
-    }
+    {k: {**v, "hf_hub_id": f"{HUB_ORG}/{k}"} for k, v in _pretrained.items()}
 )
 
 
-def _create(variant: str, pretrained: bool, block: type[nn.Module], layers: list[int], **kwargs) -> ResNet:
+def _create(
+    variant: str, pretrained: bool, block: type[nn.Module], layers: list[int], **kwargs
+) -> ResNet:
     kwargs.setdefault("num_classes", 0)
     return _create_resnet(variant, pretrained, **dict(block=block, layers=layers), **kwargs)
 
@@ -96,7 +99,9 @@ class SSOLEProjector(nn.Sequential):
         batch_norm: bool = False,
     ) -> None:
         if min(in_dim, hidden_dim, out_dim) < 1:
-            raise ValueError(f"projector dims must be positive, got {in_dim}, {hidden_dim}, {out_dim}")
+            raise ValueError(
+                f"projector dims must be positive, got {in_dim}, {hidden_dim}, {out_dim}"
+            )
         if depth < 1:
             raise ValueError(f"projector depth must be >= 1, got {depth}")
         layers: list[nn.Module] = []
@@ -110,7 +115,11 @@ class SSOLEProjector(nn.Sequential):
         layers.append(nn.Linear(dim, out_dim))
         super().__init__(*layers)
         self.config = dict(
-            in_dim=in_dim, hidden_dim=hidden_dim, out_dim=out_dim, depth=depth, batch_norm=batch_norm
+            in_dim=in_dim,
+            hidden_dim=hidden_dim,
+            out_dim=out_dim,
+            depth=depth,
+            batch_norm=batch_norm,
         )
 
 
@@ -118,16 +127,21 @@ class SSOLEEncoder(nn.Module):
     """Backbone + projector: maps views ``(B, N, C, H, W)`` to unit-norm embeddings ``(B, N, d)``.
 
     The state dict has ``backbone.*`` keys (timm names) and ``projector.*`` keys, which is the
-    layout training checkpoints store and :mod:`ssole_hub.hub` exports.
+    layout training checkpoints store and :mod:`ssole_hub.hub` exports. ``normalize=False``
+    returns raw projector outputs (for losses such as VICReg that expect them).
     """
 
-    def __init__(self, backbone: nn.Module, projector: SSOLEProjector) -> None:
+    def __init__(
+        self, backbone: nn.Module, projector: SSOLEProjector, normalize: bool = True
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = projector
+        self.normalize = normalize
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
-        """Embed ``views`` of shape ``(B, N, C, H, W)``; returns ``(B, N, d)``, rows L2-normalised.
+        """Embed ``views`` of shape ``(B, N, C, H, W)``; returns ``(B, N, d)`` in float32, rows
+        L2-normalised unless ``normalize`` is off.
 
         Raises:
             ValueError: if ``views`` is not 5-dimensional.
@@ -137,4 +151,5 @@ class SSOLEEncoder(nn.Module):
         b, n = views.shape[:2]
         feats = self.backbone(views.flatten(0, 1))
         z = self.projector(feats)
-        return F.normalize(z.float(), dim=-1).view(b, n, -1)
+        z = z.float().view(b, n, -1)
+        return F.normalize(z, dim=-1) if self.normalize else z

@@ -1,0 +1,63 @@
+"""Pre-training objectives on multi-view embeddings ``(B, N, d)``: SSOLE and its peers.
+
+Peers come from the maintained ``lightly`` package. They are 2-view losses; with N views they are
+averaged over all N*(N-1)/2 view pairs, so every method sees the same views.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ssole_hub.loss import ssole_loss
+
+__all__ = ["METHODS", "Objective", "build_objective"]
+
+Objective = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+"""Maps raw projector outputs ``(B, N, d)`` to a dict with at least ``"loss"``."""
+
+METHODS = ("ssole", "vicreg", "barlowtwins", "simclr")
+
+
+def _pairwise(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Objective:
+    def objective(z: torch.Tensor) -> dict[str, torch.Tensor]:
+        pairs = list(itertools.combinations(range(z.shape[1]), 2))
+        loss = sum(loss_fn(z[:, i], z[:, j]) for i, j in pairs) / len(pairs)
+        return {"loss": loss}
+
+    return objective
+
+
+def build_objective(
+    method: str, lambda_: float = 0.6, gamma: float = 0.5, gather: bool = False
+) -> Objective:
+    """Return the objective for ``method`` (one of :data:`METHODS`).
+
+    SSOLE L2-normalises the embeddings itself and reports its parts (``loss_low``, ``loss_high``,
+    ``rank_low``, ``rank_high``); ``gather`` makes every method use all ranks' embeddings.
+
+    Raises:
+        ValueError: for an unknown method.
+    """
+    if method == "ssole":
+
+        def ssole(z: torch.Tensor) -> dict[str, torch.Tensor]:
+            return ssole_loss(F.normalize(z.float(), dim=-1), lambda_, gamma, gather)._asdict()
+
+        return ssole
+    if method == "vicreg":
+        from lightly.loss import VICRegLoss
+
+        return _pairwise(VICRegLoss(gather_distributed=gather))
+    if method == "barlowtwins":
+        from lightly.loss import BarlowTwinsLoss
+
+        return _pairwise(BarlowTwinsLoss(gather_distributed=gather))
+    if method == "simclr":
+        from lightly.loss import NTXentLoss
+
+        return _pairwise(NTXentLoss(temperature=0.2, gather_distributed=gather))
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
