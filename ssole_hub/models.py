@@ -48,9 +48,13 @@ _pretrained = {
     # The ImageNet-1k recipe: ResNet-50, 8 views.
     "ssole_resnet50.in1k_m8": _cfg(),
 }
-# Every tag lives in its own Hub repo, ``<org>/<model>.<tag>``.
+# Every tag lives in its own Hub repo, ``<org>/<model>.<tag>``, and is read only from its
+# safetensors file (timm would otherwise fall back to a pickled ``pytorch_model.bin``).
 default_cfgs = generate_default_cfgs(
-    {k: {**v, "hf_hub_id": f"{HUB_ORG}/{k}"} for k, v in _pretrained.items()}
+    {
+        k: {**v, "hf_hub_id": f"{HUB_ORG}/{k}", "hf_hub_filename": "model.safetensors"}
+        for k, v in _pretrained.items()
+    }
 )
 
 

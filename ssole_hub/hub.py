@@ -1,0 +1,343 @@
+"""Hub folders: export a checkpoint or model, validate a folder, publish it to the Hugging Face Hub.
+
+The folder format lives in :mod:`ssole_hub.hub_format`, loading in :mod:`ssole_hub.loading`;
+both are re-exported here so that ``ssole_hub.hub`` is the one place to import the hub API from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import timm
+import torch
+from huggingface_hub import CommitInfo, HfApi
+from timm.models import get_pretrained_cfg, is_model
+from torch import nn
+
+import ssole_hub
+from ssole_hub.checkpoint import ModelCheckpoint, load_model_checkpoint
+from ssole_hub.hub_format import (
+    CONFIG_FILE,
+    EXPORTED_CFG_KEYS,
+    HUB_FILES,
+    HUB_FOLDER_FORMAT,
+    MODEL_CARD_FILE,
+    PROJECTOR_FILE,
+    SSOLE_FILE,
+    WEIGHTS_FILE,
+    HubFolderError,
+    build_projector,
+    check_repo_id,
+    drop_classifier,
+    load_checked,
+    local_fetch,
+    read_backbone,
+    read_json,
+    read_projector,
+)
+from ssole_hub.loading import SSOLEFeatureModel, load_model
+from ssole_hub.model_card import render_model_card
+from ssole_hub.models import HUB_ORG
+
+__all__ = [
+    "CONFIG_FILE",
+    "HUB_FILES",
+    "HUB_FOLDER_FORMAT",
+    "MODEL_CARD_FILE",
+    "PROJECTOR_FILE",
+    "SSOLE_FILE",
+    "WEIGHTS_FILE",
+    "HubFolder",
+    "HubFolderError",
+    "SSOLEFeatureModel",
+    "export_hub_folder",
+    "load_model",
+    "push_to_hub",
+    "validate_hub_folder",
+]
+
+
+@dataclass
+class HubFolder:
+    """What :func:`validate_hub_folder` found in a valid hub folder."""
+
+    path: Path
+    architecture: str
+    timm_architecture: str
+    num_features: int
+    pretrained_cfg: dict[str, Any]
+    projector_config: dict[str, Any] | None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    eval_results: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        proj = (
+            "no projector"
+            if self.projector_config is None
+            else f"projector {self.projector_config['in_dim']}->{self.projector_config['out_dim']}"
+        )
+        return (
+            f"valid hub folder {self.path}: {self.architecture} (timm {self.timm_architecture}), "
+            f"{self.num_features} features, {proj}"
+        )
+
+
+# --- export ---------------------------------------------------------------------------------
+
+
+def _timm_architecture(arch: str) -> str:
+    """The vanilla timm name for an SSOLE architecture (``ssole_resnet18`` -> ``resnet18``)."""
+    if not is_model(arch):
+        raise HubFolderError(
+            f"unknown architecture {arch!r}: timm {timm.__version__} has no such model"
+        )
+    vanilla = arch.removeprefix("ssole_")
+    if vanilla != arch and not is_model(vanilla):
+        raise HubFolderError(f"architecture {arch!r} has no vanilla timm equivalent {vanilla!r}")
+    return vanilla
+
+
+def _arch_of(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture")
+    if not arch:
+        raise HubFolderError(
+            f"cannot tell the timm architecture of {type(model).__name__}: it has no "
+            "pretrained_cfg['architecture'] (build it with timm.create_model)"
+        )
+    return arch
+
+
+def _checkpoint_from_model(model: nn.Module, metadata: Mapping[str, Any] | None) -> ModelCheckpoint:
+    """Wrap a live encoder (``.backbone`` + ``.projector``) or a bare timm backbone for export."""
+    inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or model
+    backbone = getattr(inner, "backbone", inner)
+    projector = getattr(inner, "projector", None)
+    arch = _arch_of(backbone)
+    cfg = dict(getattr(backbone, "pretrained_cfg", {}) or {})
+    return ModelCheckpoint(
+        arch=arch,
+        backbone={k: v.detach().cpu() for k, v in backbone.state_dict().items()},
+        projector=(
+            {k: v.detach().cpu() for k, v in projector.state_dict().items()} if projector else {}
+        ),
+        projector_config=dict(projector.config) if projector is not None else {},
+        pretrained_cfg={k: v for k, v in cfg.items() if k in EXPORTED_CFG_KEYS},
+        metadata=dict(metadata or {}),
+    )
+
+
+def _exported_pretrained_cfg(arch: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    base = get_pretrained_cfg(arch)
+    base_cfg = base.to_dict() if base else {}
+    # The tag names a released recipe: only the checkpoint itself can claim one.
+    cfg = {k: v for k, v in base_cfg.items() if k in EXPORTED_CFG_KEYS and k != "tag"}
+    cfg.update({k: v for k, v in overrides.items() if k in EXPORTED_CFG_KEYS})
+    if tuple(cfg.get("input_size", ())) != tuple(base_cfg.get("input_size", ())):
+        cfg.pop("pool_size", None)  # timm's pool size holds for the default input size only
+    cfg["num_classes"] = 0
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if v is not None}
+
+
+def _save_safetensors(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    # safetensors refuses views and shared storage; a contiguous copy per tensor is always valid.
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _code_version() -> dict[str, str]:
+    return {
+        "ssole_hub": ssole_hub.__version__,
+        "timm": timm.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def export_hub_folder(
+    source: str | os.PathLike[str] | ModelCheckpoint | nn.Module,
+    out_dir: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    eval_results: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    repo_id: str | None = None,
+    license: str = "apache-2.0",
+    datasets: list[str] | None = None,
+    tags: list[str] | None = None,
+) -> Path:
+    """Write a hub folder for a training checkpoint or a model; returns the folder's path.
+
+    Args:
+        source: a training checkpoint path, a :class:`~ssole_hub.checkpoint.ModelCheckpoint`, an
+            encoder with ``.backbone`` (timm) and ``.projector`` (:class:`SSOLEProjector`), such as
+            :class:`~ssole_hub.models.SSOLEEncoder`, or a bare timm backbone (no projector exported).
+        out_dir: the folder to write; must not exist unless ``overwrite``.
+        overwrite: replace an existing folder.
+        eval_results: measured results (``{"knn_top1": 71.3, ...}``, may nest per dataset); they
+            update those in the checkpoint's ``metadata["eval_results"]``.
+        metadata: extra training metadata, merged over the checkpoint's.
+        repo_id: the Hub repo the folder is meant for (used in the model card's examples);
+            defaults to ``<SSOLE_HUB_ORG>/<folder name>``.
+        license, datasets, tags: model card front matter; ``datasets`` defaults to the
+            checkpoint's ``metadata["dataset"]``.
+
+    Raises:
+        FileExistsError: if ``out_dir`` exists and ``overwrite`` is false.
+        FileNotFoundError, ssole_hub.checkpoint.CheckpointError: for an unreadable checkpoint.
+        HubFolderError: for an unknown architecture or weights that do not fit it.
+    """
+    if isinstance(source, ModelCheckpoint):
+        ckpt = source
+    elif isinstance(source, nn.Module):
+        ckpt = _checkpoint_from_model(source, metadata)
+    else:
+        ckpt = load_model_checkpoint(source)
+
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(
+            f"{out} already exists; pass overwrite=True (--overwrite) to replace it"
+        )
+    timm_arch = _timm_architecture(ckpt.arch)
+    pretrained_cfg = _exported_pretrained_cfg(ckpt.arch, ckpt.pretrained_cfg)
+    backbone_state = drop_classifier(ckpt.backbone, pretrained_cfg.get("classifier"))
+    meta = {**ckpt.metadata, **(metadata or {})}
+    results = {**meta.pop("eval_results", {}), **(eval_results or {})}
+
+    # Build the vanilla model once: it checks the weights fit and gives num_features.
+    backbone = timm.create_model(timm_arch, pretrained=False, num_classes=0)
+    load_checked(backbone, backbone_state, f"{ckpt.arch} backbone weights")
+    projector_config = dict(ckpt.projector_config) if ckpt.projector else None
+    if projector_config is not None:
+        build_projector(projector_config, ckpt.projector, backbone.num_features, "projector")
+
+    # Write next to the destination, then swap in, so a failed export never leaves half a folder.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _save_safetensors(backbone_state, tmp / WEIGHTS_FILE)
+        config = {
+            "architecture": timm_arch,
+            "num_classes": 0,
+            "num_features": backbone.num_features,
+            "global_pool": "avg",
+            "pretrained_cfg": pretrained_cfg,
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if projector_config is not None:
+            _save_safetensors(ckpt.projector, tmp / PROJECTOR_FILE)
+        ssole = {
+            "format": HUB_FOLDER_FORMAT,
+            "architecture": ckpt.arch,
+            "timm_architecture": timm_arch,
+            "num_features": backbone.num_features,
+            "projector_config": projector_config,
+            "metadata": meta,
+            "eval_results": results,
+            "code_version": _code_version(),
+        }
+        (tmp / SSOLE_FILE).write_text(json.dumps(ssole, indent=2, default=str) + "\n")
+        dataset = meta.get("dataset")
+        if datasets is None and isinstance(dataset, str) and not os.path.isabs(dataset):
+            datasets = [dataset]
+        card = render_model_card(
+            repo_id=repo_id or f"{HUB_ORG}/{out.name}",
+            architecture=ckpt.arch,
+            timm_architecture=timm_arch,
+            num_features=backbone.num_features,
+            projector_config=projector_config,
+            metadata=meta,
+            eval_results=results,
+            license=license,
+            datasets=datasets,
+            tags=tags,
+            hub_tag=pretrained_cfg.get("tag"),
+        )
+        (tmp / MODEL_CARD_FILE).write_text(card)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def validate_hub_folder(folder: str | os.PathLike[str]) -> HubFolder:
+    """Check a hub folder completely: every file present and readable, ``config.json`` loads in
+    timm, the weights fit the architecture (keys and shapes), the projector fits the backbone, and
+    the model card has the Hub front matter. Returns what it found.
+
+    Raises:
+        FileNotFoundError: if the folder or one of its files is missing.
+        HubFolderError: for anything unreadable, unknown or mismatched.
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"hub folder not found: {path}")
+    fetch = local_fetch(path)
+    ssole = read_json(fetch(SSOLE_FILE), SSOLE_FILE)
+    backbone = read_backbone(fetch, f"local-dir:{path}", pretrained=True)
+    projector_config = ssole.get("projector_config")
+    if projector_config:
+        read_projector(fetch, backbone.num_features, pretrained=True)
+    card = fetch(MODEL_CARD_FILE).read_text()
+    for needle in ("library_name: timm", "pipeline_tag: image-feature-extraction"):
+        if needle not in card.split("\n---", 1)[0]:
+            raise HubFolderError(f"{MODEL_CARD_FILE} front matter lacks `{needle}`")
+    return HubFolder(
+        path=path,
+        architecture=str(ssole.get("architecture", backbone.pretrained_cfg.get("architecture"))),
+        timm_architecture=str(backbone.pretrained_cfg.get("architecture")),
+        num_features=backbone.num_features,
+        pretrained_cfg=dict(backbone.pretrained_cfg),
+        projector_config=projector_config or None,
+        metadata=dict(ssole.get("metadata") or {}),
+        eval_results=dict(ssole.get("eval_results") or {}),
+    )
+
+
+# --- publishing -----------------------------------------------------------------------------
+
+
+def push_to_hub(
+    folder: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    private: bool = False,
+    commit_message: str | None = None,
+    token: str | None = None,
+) -> CommitInfo:
+    """Publish a hub folder to the Hugging Face Hub; returns the commit (a ``str``: its URL).
+
+    The folder is validated first and refused if invalid. The repo is created if needed
+    (``exist_ok``), the branch ``revision`` too, then the folder's files are uploaded in one
+    commit. The token comes from ``token``, else ``HF_TOKEN`` or the ``hf auth login`` cache.
+
+    Raises:
+        ValueError: for a malformed repo id; HubFolderError / FileNotFoundError for an invalid
+            folder; huggingface_hub errors for refused requests (authentication, permissions).
+    """
+    check_repo_id(repo_id)
+    info = validate_hub_folder(folder)
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision:
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=info.path,
+        revision=revision,
+        repo_type="model",
+        allow_patterns=list(HUB_FILES),
+        commit_message=commit_message or f"Upload SSOLE {info.architecture} hub folder",
+    )

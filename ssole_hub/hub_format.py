@@ -1,0 +1,229 @@
+"""The hub folder format: its file names, and readers that fail with clear errors.
+
+A hub folder holds one checkpoint in a form plain timm loads (see the architecture notes):
+
+- ``model.safetensors``: the backbone state dict, timm key names, no classifier;
+- ``config.json``: timm's schema, ``architecture`` a name vanilla timm knows (``resnet18``),
+  ``num_classes`` 0, ``num_features``, ``pretrained_cfg`` (input size, crop, interpolation, mean, std);
+- ``projector.safetensors`` and ``ssole.json``: the SSOLE projector and the training metadata,
+  evaluation results and code version;
+- ``README.md``: the model card.
+
+Files are reached through a *fetch* function (file name -> local path), so a folder on disk and a
+Hub repo (through ``hf_hub_download`` and the HF cache) are read by the same code. Weights are
+only ever read from safetensors files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import timm
+import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+from timm.models import is_model
+from torch import nn
+
+from ssole_hub.models import SSOLEProjector
+
+__all__ = [
+    "CONFIG_FILE",
+    "HUB_FILES",
+    "HUB_FOLDER_FORMAT",
+    "MODEL_CARD_FILE",
+    "PROJECTOR_FILE",
+    "SSOLE_FILE",
+    "WEIGHTS_FILE",
+    "HubFolderError",
+]
+
+HUB_FOLDER_FORMAT = "ssole-hub/hub-folder/1"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+PROJECTOR_FILE = "projector.safetensors"
+SSOLE_FILE = "ssole.json"
+MODEL_CARD_FILE = "README.md"
+HUB_FILES = (WEIGHTS_FILE, CONFIG_FILE, PROJECTOR_FILE, SSOLE_FILE, MODEL_CARD_FILE)
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+# Preprocessing and model-description keys that config.json carries; source keys (hub id, url,
+# file) are left out so the folder does not point back at where the weights came from.
+EXPORTED_CFG_KEYS = (
+    "tag",
+    "input_size",
+    "fixed_input_size",
+    "interpolation",
+    "crop_pct",
+    "crop_mode",
+    "mean",
+    "std",
+    "pool_size",
+    "first_conv",
+    "classifier",
+    "license",
+)
+
+
+class HubFolderError(ValueError):
+    """A hub folder (or a file in it) is incomplete, unreadable or does not fit its architecture."""
+
+
+def drop_classifier(state: Mapping[str, torch.Tensor], classifier: str | None) -> dict[str, Any]:
+    """Return ``state`` without the classifier head (``<classifier>.*`` keys): features only."""
+    prefix = f"{classifier}." if classifier else None
+    return {k: v for k, v in state.items() if not (prefix and k.startswith(prefix))}
+
+
+def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; :class:`HubFolderError` naming ``what`` if it is truncated or corrupt."""
+    try:
+        return safetensors.torch.load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error type for truncated/corrupt files
+        raise HubFolderError(f"{what}: {path} is not a readable safetensors file ({exc})") from exc
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """Read a JSON object; :class:`HubFolderError` naming ``what`` if it is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HubFolderError(f"{what}: {path} is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise HubFolderError(f"{what}: {path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that names every key that does not fit."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: expected {tuple(expected[k].shape)}, found {tuple(state[k].shape)}"
+        for k in expected
+        if k in state and tuple(expected[k].shape) != tuple(state[k].shape)
+    ]
+    problems = []
+    if mismatched:
+        problems.append("shape mismatch for " + "; ".join(mismatched[:5]))
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if problems:
+        raise HubFolderError(f"{what} do not fit {type(module).__name__}: " + "; ".join(problems))
+    module.load_state_dict(state, strict=True)
+
+
+def build_projector(
+    config: Mapping[str, Any],
+    state: Mapping[str, torch.Tensor] | None,
+    num_features: int,
+    what: str,
+) -> SSOLEProjector:
+    """Build a projector from its config, check it fits the backbone, load ``state`` if given."""
+    try:
+        projector = SSOLEProjector(**config)
+    except (TypeError, ValueError) as exc:
+        raise HubFolderError(f"{what}: invalid projector_config {dict(config)} ({exc})") from exc
+    if projector.config["in_dim"] != num_features:
+        raise HubFolderError(
+            f"{what}: projector in_dim {projector.config['in_dim']} does not match the "
+            f"backbone's {num_features} features"
+        )
+    if state is not None:
+        load_checked(projector, state, f"{what} weights")
+    return projector
+
+
+Fetch = Callable[[str], Path]
+"""Maps a hub folder file name to a local path (a folder file or a HF cache file)."""
+
+
+def local_fetch(folder: Path) -> Fetch:
+    """A fetch for a folder on disk; a missing file raises ``FileNotFoundError``."""
+
+    def fetch(name: str) -> Path:
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"hub folder {folder} has no {name}")
+        return path
+
+    return fetch
+
+
+def hub_fetch(repo_id: str, revision: str | None) -> Fetch:
+    """A fetch for a Hub repo; missing repos, files and cache misses raise ``FileNotFoundError``."""
+
+    # hf_hub_download goes through the HF cache, so HF_HUB_OFFLINE=1 and pre-filled caches work.
+    def fetch(name: str) -> Path:
+        try:
+            return Path(hf_hub_download(repo_id, name, revision=revision))
+        except LocalEntryNotFoundError as exc:
+            raise FileNotFoundError(
+                f"{name} of Hub repo {repo_id!r} is not in the local HF cache and the Hub cannot be"
+                " reached (HF_HUB_OFFLINE=1 or no network)"
+            ) from exc
+        except RepositoryNotFoundError as exc:
+            raise FileNotFoundError(
+                f"Hub repo {repo_id!r} not found (or private without a valid token)"
+            ) from exc
+        except EntryNotFoundError as exc:
+            raise FileNotFoundError(f"Hub repo {repo_id!r} has no {name}") from exc
+
+    return fetch
+
+
+def read_backbone(fetch: Fetch, timm_name: str, pretrained: bool) -> nn.Module:
+    """Build the backbone named by ``config.json`` (checked first) and load its weights."""
+    config = read_json(fetch(CONFIG_FILE), CONFIG_FILE)
+    arch = config.get("architecture")
+    if not isinstance(arch, str) or not is_model(arch):
+        raise HubFolderError(
+            f"{CONFIG_FILE} names architecture {arch!r}, which timm {timm.__version__} does not know"
+        )
+    for key in ("mean", "std", "input_size"):
+        if key not in (config.get("pretrained_cfg") or {}):
+            raise HubFolderError(f"{CONFIG_FILE} lacks pretrained_cfg[{key!r}] (preprocessing)")
+    # timm's own source prefixes parse config.json, so the model's pretrained_cfg is exactly what
+    # vanilla timm gives; weights are loaded below, from safetensors only, with clear errors.
+    backbone = timm.create_model(timm_name, pretrained=False, num_classes=0)
+    if pretrained:
+        state = read_safetensors(fetch(WEIGHTS_FILE), WEIGHTS_FILE)
+        state = drop_classifier(state, backbone.pretrained_cfg.get("classifier"))
+        load_checked(backbone, state, WEIGHTS_FILE)
+    return backbone
+
+
+def read_projector(
+    fetch: Fetch, num_features: int, pretrained: bool
+) -> tuple[SSOLEProjector, dict[str, Any]]:
+    """Build the projector ``ssole.json`` describes (weights too if ``pretrained``); returns
+    ``(projector, ssole_json)``."""
+    ssole = read_json(fetch(SSOLE_FILE), SSOLE_FILE)
+    config = ssole.get("projector_config")
+    if not config:
+        raise HubFolderError(f"{SSOLE_FILE} has no projector_config: this folder has no projector")
+    state = read_safetensors(fetch(PROJECTOR_FILE), PROJECTOR_FILE) if pretrained else None
+    return build_projector(config, state, num_features, PROJECTOR_FILE), ssole
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Raise ``ValueError`` unless ``repo_id`` is a well-formed ``ORG/NAME``."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise ValueError(f"invalid Hub repo id {repo_id!r}: {exc}") from exc
+    if repo_id.count("/") != 1:
+        raise ValueError(f"invalid Hub repo id {repo_id!r}: expected ORG/NAME")

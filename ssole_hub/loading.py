@@ -1,0 +1,199 @@
+"""The project's one model loader, :func:`load_model`, and the backbone + projector module.
+
+It takes registered names (``ssole_resnet18``, ``ssole_resnet18.in100_m4``), ``hf-hub:ORG/NAME``,
+``local-dir:PATH``, a hub folder path, or a training checkpoint, and returns eval-mode models whose
+``pretrained_cfg`` drives timm's preprocessing resolution.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models import get_pretrained_cfg, is_model, split_model_name_tag
+from torch import nn
+
+from ssole_hub.checkpoint import load_model_checkpoint
+from ssole_hub.hub_format import (
+    CHECKPOINT_SUFFIXES,
+    EXPORTED_CFG_KEYS,
+    WEIGHTS_FILE,
+    Fetch,
+    HubFolderError,
+    build_projector,
+    check_repo_id,
+    drop_classifier,
+    hub_fetch,
+    load_checked,
+    local_fetch,
+    read_backbone,
+    read_projector,
+    read_safetensors,
+)
+from ssole_hub.models import SSOLEProjector
+
+__all__ = ["SSOLEFeatureModel", "load_model"]
+
+
+class SSOLEFeatureModel(nn.Module):
+    """A backbone and its SSOLE projector: images ``(B, C, H, W)`` to raw projector outputs ``(B, d)``.
+
+    ``.backbone`` alone gives the pooled features; ``.pretrained_cfg`` is the backbone's, so
+    ``timm.data.resolve_model_data_config(model)`` gives the right preprocessing.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        projector: SSOLEProjector,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+        self.metadata = dict(metadata or {})
+
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """The backbone's timm pretrained config (preprocessing, source)."""
+        return self.backbone.pretrained_cfg
+
+    @property
+    def num_features(self) -> int:
+        """Width of the projector output."""
+        return int(self.projector.config["out_dim"])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Return raw (not normalised) projector outputs for a batch of images."""
+        return self.projector(self.backbone(images))
+
+
+def _known_names() -> list[str]:
+    return sorted(timm.list_pretrained("ssole_*"))
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return path.suffix in CHECKPOINT_SUFFIXES
+
+
+def load_model(
+    model: str | os.PathLike[str], *, pretrained: bool = True, with_projector: bool = False
+) -> nn.Module:
+    """Load an SSOLE model: the one model loader of this project.
+
+    Args:
+        model: one of
+            - a registered name, ``ssole_resnet18`` or with a tag ``ssole_resnet18.in100_m4``
+              (weights from the tag's Hub repo ``<SSOLE_HUB_ORG>/<name>.<tag>``);
+            - ``hf-hub:ORG/NAME`` (optionally ``@revision``): a published hub folder;
+            - ``local-dir:PATH`` or a plain folder path: a hub folder on disk;
+            - a training checkpoint (``.pt``, ``.pth``, ``.ckpt``).
+        pretrained: load the weights (else the architecture and preprocessing only, random init).
+        with_projector: also load the SSOLE projector.
+
+    Returns:
+        An eval-mode timm backbone whose forward gives pooled features and whose
+        ``.pretrained_cfg`` drives ``timm.data.resolve_model_data_config``; with
+        ``with_projector``, a :class:`SSOLEFeatureModel` wrapping it.
+
+    Raises:
+        ValueError: for an unknown name or tag, or a malformed Hub repo id.
+        FileNotFoundError: for a missing folder, file, checkpoint or Hub repo.
+        HubFolderError: for unreadable or truncated files, unknown architectures or shape mismatches.
+    """
+    name = os.fspath(model)
+    source, _, ref = name.partition(":")
+    if source == "hf-hub" and ref:
+        repo_id, _, revision = ref.partition("@")
+        check_repo_id(repo_id)
+        fetch = hub_fetch(repo_id, revision or None)
+        built = read_backbone(fetch, name, pretrained)
+    elif source == "local-dir" and ref:
+        return load_model(Path(ref), pretrained=pretrained, with_projector=with_projector)
+    elif (
+        isinstance(model, os.PathLike)
+        or os.sep in name
+        or name.endswith(CHECKPOINT_SUFFIXES)
+        or Path(name).exists()
+    ):
+        path = Path(name)
+        if _is_checkpoint(path) or path.is_file():
+            return _load_checkpoint_model(path, pretrained, with_projector)
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"no hub folder or checkpoint at {path} (for a Hub repo write hf-hub:{name})"
+            )
+        fetch = local_fetch(path)
+        built = read_backbone(fetch, f"local-dir:{path}", pretrained)
+    else:
+        built, fetch = _load_registered(name, pretrained)
+    built.eval()
+    if not with_projector:
+        return built
+    if fetch is None:
+        projector = SSOLEProjector(built.num_features)
+        metadata: dict[str, Any] = {}
+    else:
+        projector, ssole = read_projector(fetch, built.num_features, pretrained)
+        metadata = dict(ssole.get("metadata") or {})
+    return SSOLEFeatureModel(built, projector, metadata).eval()
+
+
+def _load_registered(name: str, pretrained: bool) -> tuple[nn.Module, Fetch | None]:
+    arch, tag = split_model_name_tag(name)
+    if not is_model(arch) or (tag and name not in timm.list_pretrained(f"{arch}.*")):
+        raise ValueError(
+            f"unknown model {name!r}; use one of {', '.join(_known_names())}, "
+            "hf-hub:ORG/NAME, local-dir:PATH, a hub folder or a training checkpoint"
+        )
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, num_classes=0), None
+    cfg = get_pretrained_cfg(name)
+    hub_id = cfg.hf_hub_id if cfg else None
+    if not hub_id:
+        raise ValueError(
+            f"{name!r} has no published weights (no Hub repo in its pretrained config)"
+        )
+    filename = cfg.hf_hub_filename or WEIGHTS_FILE
+    if not filename.endswith(".safetensors"):
+        raise ValueError(
+            f"{name!r} points at {filename}; published weights are read only from safetensors"
+        )
+    repo_id, _, revision = hub_id.partition("@")
+    fetch = hub_fetch(repo_id, revision or None)
+    # Fetch before building the model, so a missing download fails fast.
+    state = read_safetensors(fetch(filename), f"{hub_id}/{filename}")
+    backbone = timm.create_model(name, pretrained=False, num_classes=0)
+    load_checked(backbone, drop_classifier(state, cfg.classifier), f"{hub_id}/{filename}")
+    return backbone, fetch
+
+
+def _load_checkpoint_model(path: Path, pretrained: bool, with_projector: bool) -> nn.Module:
+    ckpt = load_model_checkpoint(path)
+    if not is_model(ckpt.arch):
+        raise HubFolderError(f"{path}: unknown architecture {ckpt.arch!r}")
+    overlay = {k: v for k, v in ckpt.pretrained_cfg.items() if k in EXPORTED_CFG_KEYS}
+    # A checkpoint is not the published recipe: do not point back at the tag's Hub repo.
+    overlay.update(hf_hub_id=None, hf_hub_filename=None, tag=overlay.get("tag"))
+    backbone = timm.create_model(
+        ckpt.arch, pretrained=False, num_classes=0, pretrained_cfg_overlay=overlay
+    )
+    if pretrained:
+        state = drop_classifier(ckpt.backbone, backbone.pretrained_cfg.get("classifier"))
+        load_checked(backbone, state, f"{path} backbone weights")
+    backbone.eval()
+    if not with_projector:
+        return backbone
+    if not ckpt.projector_config:
+        raise HubFolderError(f"{path} has no projector_config")
+    projector = build_projector(
+        ckpt.projector_config,
+        ckpt.projector if pretrained else None,
+        backbone.num_features,
+        f"{path} projector",
+    )
+    return SSOLEFeatureModel(backbone, projector, ckpt.metadata).eval()

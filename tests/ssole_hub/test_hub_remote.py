@@ -1,0 +1,209 @@
+"""The Hub side over real HTTP: downloads for ``hf-hub:``, registered tags and ``torch.hub``; the
+offline HF cache; publishing with the real ``huggingface_hub`` client.
+
+The public Hub cannot be reached from tests, so a loopback server (``tests/hub_server.py``) stands
+in for it; the client is pointed at it with ``HF_ENDPOINT``, which huggingface_hub reads at import
+time, so every client runs in a fresh subprocess.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+from huggingface_hub import hf_hub_download
+
+from ssole_hub.hub import HUB_FILES
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+DOWNLOAD_SCRIPT = """
+import json, sys
+from pathlib import Path
+import safetensors.torch, timm, torch
+from PIL import Image
+import ssole_hub
+
+repo_root, photo_dir, out = {args}
+images = [Image.open(p).convert("RGB") for p in sorted(Path(photo_dir).glob("*.png"), key=lambda p: int(p.stem))]
+configs, tensors = {{}}, {{}}
+
+def run(name, model):
+    config = timm.data.resolve_model_data_config(model)
+    transform = timm.data.create_transform(**config, is_training=False)
+    with torch.inference_mode():
+        tensors[name] = model(torch.stack([transform(i) for i in images])).contiguous()
+    configs[name] = config
+
+run("timm_hf_hub", timm.create_model("hf-hub:someone/custom-model", pretrained=True).eval())
+run("torch_hub", torch.hub.load(repo_root, "ssole_resnet18", source="local"))
+registered = timm.create_model("ssole_resnet18.in100_m4", pretrained=True)
+tensors.update({{"registered." + k: v.contiguous() for k, v in registered.state_dict().items()}})
+safetensors.torch.save_file(tensors, out)
+print(json.dumps(configs))
+"""
+
+
+def _reference(encoder, photos, config: dict) -> torch.Tensor:
+    transform = timm.data.create_transform(**config, is_training=False)
+    with torch.inference_mode():
+        return encoder.backbone(torch.stack([transform(img) for img in photos]))
+
+
+def test_hf_hub_registered_tags_and_torch_hub_download_over_http_and_match(
+    loopback_hub, hub_folder, encoder, hub_photos, photo_dir, hub_env, python_subprocess, tmp_path
+):
+    loopback_hub.publish_folder("someone/custom-model", hub_folder)
+    loopback_hub.publish_folder("test-org/ssole_resnet18.in100_m4", hub_folder)
+    env = {**hub_env, "HF_ENDPOINT": loopback_hub.endpoint, "SSOLE_HUB_ORG": "test-org"}
+    out = tmp_path / "features.safetensors"
+    args = repr((str(REPO_ROOT), str(photo_dir), str(out)))
+    configs = python_subprocess(DOWNLOAD_SCRIPT.format(args=args), env, tmp_path)
+
+    tensors = safetensors.torch.load_file(out)
+    # hf-hub: takes preprocessing from the repo's config.json; registered tags from their table
+    assert configs["timm_hf_hub"]["input_size"] == [3, 160, 160]
+    assert configs["torch_hub"]["input_size"] == [3, 224, 224]
+    for name, config in configs.items():
+        expected = _reference(encoder, hub_photos, config)
+        assert tensors[name].shape == expected.shape, name
+        assert (tensors[name] - expected).abs().max().item() <= 1e-5, name
+    # plain timm with a registered tag (after `import ssole_hub`) gets exactly the published weights
+    published = safetensors.torch.load_file(hub_folder / "model.safetensors")
+    assert all(torch.equal(tensors[f"registered.{k}"], v) for k, v in published.items())
+    fetched = {path for method, path in loopback_hub.requests if method == "GET"}
+    assert "/someone/custom-model/resolve/main/model.safetensors" in fetched
+    assert "/test-org/ssole_resnet18.in100_m4/resolve/main/model.safetensors" in fetched
+
+
+OFFLINE_SCRIPT = """
+import json
+import safetensors.torch, timm, torch
+import ssole_hub
+
+folder = {folder!r}
+expected = safetensors.torch.load_file(folder + "/model.safetensors")
+expected_proj = safetensors.torch.load_file(folder + "/projector.safetensors")
+model = timm.create_model("ssole_resnet18", pretrained=True)
+same = all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+fm = ssole_hub.load_model("ssole_resnet18.in100_m4", with_projector=True)
+same_proj = all(torch.equal(fm.projector.state_dict()[k], v) for k, v in expected_proj.items())
+same_loaded = all(torch.equal(fm.backbone.state_dict()[k], v) for k, v in expected.items())
+try:
+    ssole_hub.load_model("ssole_resnet50")
+    missing_error = None
+except FileNotFoundError as exc:
+    missing_error = str(exc)
+from huggingface_hub import constants
+print(json.dumps(dict(offline=constants.HF_HUB_OFFLINE, same=same, same_proj=same_proj,
+                      same_loaded=same_loaded, missing_error=missing_error)))
+"""
+
+
+def test_prepopulated_cache_loads_exact_weights_with_hf_hub_offline(
+    loopback_hub, hub_folder, hub_env, python_subprocess, tmp_path
+):
+    repo_id = "test-org/ssole_resnet18.in100_m4"
+    loopback_hub.publish_folder(repo_id, hub_folder)
+    cache = tmp_path / "hf_home" / "hub"
+    for name in HUB_FILES:  # fill the cache with the real client, over HTTP
+        hf_hub_download(repo_id, name, cache_dir=cache, endpoint=loopback_hub.endpoint)
+    before = len(loopback_hub.requests)
+
+    # The stand-in keeps running at HF_ENDPOINT: offline mode must not even ask it.
+    env = {
+        **hub_env,
+        "HF_ENDPOINT": loopback_hub.endpoint,
+        "HF_HUB_OFFLINE": "1",
+        "SSOLE_HUB_ORG": "test-org",
+    }
+    result = python_subprocess(OFFLINE_SCRIPT.format(folder=str(hub_folder)), env, tmp_path)
+    assert result["offline"] is True
+    assert result["same"] and result["same_loaded"] and result["same_proj"]
+    assert "not in the local HF cache" in result["missing_error"]
+    assert "ssole_resnet50" in result["missing_error"]
+    assert len(loopback_hub.requests) == before
+
+
+PUSH_SCRIPT = """
+import json, os
+import ssole_hub, torch
+from ssole_hub.cli import main
+
+folder, broken = {folder!r}, {broken!r}
+rc_broken = main(["push", broken, "--repo", "me/broken"])
+rc_bad_id = main(["push", folder, "--repo", "not/a/repo"])
+rc = main(["push", folder, "--repo", "me/pushed", "--revision", "v1", "--private",
+           "--message", "first upload"])
+model = ssole_hub.load_model("hf-hub:me/pushed@v1", with_projector=True)
+local = ssole_hub.load_model(folder, with_projector=True)
+same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), local.state_dict().values()))
+os.environ.pop("HF_TOKEN")
+rc_no_token = main(["push", folder, "--repo", "me/other"])
+print(json.dumps(dict(rc_broken=rc_broken, rc_bad_id=rc_bad_id, rc=rc, same=same,
+                      rc_no_token=rc_no_token)))
+"""
+
+
+def test_push_uploads_through_the_real_client_and_refuses_invalid_folders(
+    loopback_hub, hub_folder, hub_env, python_subprocess, tmp_path
+):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in HUB_FILES:
+        (broken / name).write_bytes((hub_folder / name).read_bytes())
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 3])
+
+    env = {
+        **hub_env,
+        "HF_ENDPOINT": loopback_hub.endpoint,
+        "HF_TOKEN": "test-token",
+        # The stand-in speaks Git LFS, not Xet storage (see tests/hub_server.py).
+        "HF_HUB_DISABLE_XET": "1",
+    }
+    script = PUSH_SCRIPT.format(folder=str(hub_folder), broken=str(broken))
+    result = python_subprocess(script, env, tmp_path)
+
+    assert result["rc_broken"] == 2 and result["rc_bad_id"] == 2  # refused before any request
+    assert not any("broken" in path or "not/a" in path for _, path in loopback_hub.requests)
+    assert result["rc"] == 0 and result["same"]
+    repo = loopback_hub.repos["me/pushed"]
+    assert repo.private
+    pushed = loopback_hub.files("me/pushed", "v1")
+    for name in HUB_FILES:
+        assert pushed[name] == (hub_folder / name).read_bytes(), name
+    assert "model.safetensors" not in loopback_hub.files("me/pushed", "main")
+    assert repo.messages[repo.branches["v1"]] == "first upload"
+    # binaries went through the LFS routes, the rest inline in the commit
+    for name in ("model.safetensors", "projector.safetensors"):
+        assert hashlib.sha256(pushed[name]).hexdigest() in loopback_hub.lfs_objects
+    assert hashlib.sha256(pushed["README.md"]).hexdigest() not in loopback_hub.lfs_objects
+    assert result["rc_no_token"] == 2
+    assert "me/other" not in loopback_hub.repos
+
+
+def test_push_with_the_default_client_settings_commits_every_file(
+    make_loopback_hub, hub_folder, hub_env, python_subprocess, tmp_path
+):
+    """hf_xet is installed, so the client takes its pipelined upload path; the stand-in asks for
+    every file inline ("regular"), which that path commits without Xet storage."""
+    script = (
+        "import json; from ssole_hub.hub import push_to_hub\n"
+        f"info = push_to_hub({str(hub_folder)!r}, 'me/default-path', commit_message='default')\n"
+        "print(json.dumps({'oid': info.oid}))"
+    )
+    hub = make_loopback_hub(token="test-token", lfs_suffixes=())
+    env = {**hub_env, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "test-token"}
+    result = python_subprocess(script, env, tmp_path)
+    repo = hub.repos["me/default-path"]
+    assert repo.branches["main"] == result["oid"]
+    assert repo.messages[result["oid"]] == "default"
+    for name in HUB_FILES:
+        assert hub.files("me/default-path")[name] == (hub_folder / name).read_bytes(), name
