@@ -6,8 +6,10 @@ Each subcommand parses its arguments here and calls one public function of the l
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -21,6 +23,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.add_argument(
+        "--eval-results", default=None, help="JSON file of measured results for the model card"
+    )
+    p.add_argument("--repo", default=None, help="Hub repo id the card's examples name, ORG/NAME")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("validate", help="check that a hub folder is complete and loads in timm")
@@ -36,10 +42,39 @@ def _build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_push)
 
     # --- extract (ssole_hub.extract) ------------------------------------------------------------
-    p = sub.add_parser("extract", help="embed a folder or list of images into sharded files")
-    p.add_argument("--model", required=True)
+    p = sub.add_parser(
+        "extract",
+        help="embed a folder or list of images into sharded files (resumable; works under torchrun)",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model name, hf-hub:ORG/NAME, local-dir:PATH, a hub folder or a training checkpoint",
+    )
     p.add_argument("--input", required=True, help="folder of images, or a text file of paths")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output folder (reuse it to resume)")
+    p.add_argument("--output", choices=("backbone", "projector"), default="backbone")
+    p.add_argument("--no-normalize", action="store_true", help="keep raw (not unit-norm) rows")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=None, help="decoding processes per rank")
+    p.add_argument("--shard-size", type=int, default=10_000, help="images per output shard")
+    p.add_argument("--format", choices=("npy", "safetensors"), default="npy")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="compute dtype; auto = bfloat16 on CUDA, float32 on CPU",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--max-bytes", type=int, default=None, help="skip larger files")
+    p.add_argument("--max-pixels", type=int, default=None, help="skip larger images")
+    p.add_argument(
+        "--fast-decode",
+        action="store_true",
+        help="decode large JPEGs at a reduced scale (faster; embeddings differ slightly)",
+    )
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_extract)
     return parser
 
@@ -47,7 +82,18 @@ def _build_parser() -> argparse.ArgumentParser:
 def _export(args: argparse.Namespace) -> int:
     from ssole_hub.hub import export_hub_folder
 
-    out = export_hub_folder(args.checkpoint, args.out, overwrite=args.overwrite)
+    results = None
+    if args.eval_results:
+        results = json.loads(Path(args.eval_results).read_text())
+        if not isinstance(results, dict):
+            raise ValueError(f"{args.eval_results} must hold a JSON object of results")
+    out = export_hub_folder(
+        args.checkpoint,
+        args.out,
+        overwrite=args.overwrite,
+        eval_results=results,
+        repo_id=args.repo,
+    )
     print(out)
     return 0
 
@@ -77,7 +123,34 @@ def _push(args: argparse.Namespace) -> int:
 def _extract(args: argparse.Namespace) -> int:
     from ssole_hub.extract import extract_dataset
 
-    extract_dataset(args.model, args.input, args.out)
+    limits = {
+        k: v
+        for k, v in (("max_bytes", args.max_bytes), ("max_pixels", args.max_pixels))
+        if v is not None
+    }
+    manifest = extract_dataset(
+        args.model,
+        args.input,
+        args.out,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        shard_size=args.shard_size,
+        file_format=args.format,
+        output=args.output,
+        normalize=not args.no_normalize,
+        device=args.device,
+        dtype=args.dtype,
+        compile=args.compile,
+        fast_decode=args.fast_decode,
+        progress=not args.no_progress,
+        **limits,
+    )
+    if "num_embedded" in manifest:  # rank 0 (or a single process) has the whole picture
+        print(
+            f"embedded {manifest['num_embedded']} of {manifest['num_inputs']} images "
+            f"({manifest['dim']}-d) into {args.out}; skipped {manifest['num_errors']} "
+            f"unreadable (listed in {manifest['errors_file']})"
+        )
     return 0
 
 
@@ -86,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, OSError) as exc:  # OSError: missing files and Hub HTTP errors
         print(f"ssole-hub {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

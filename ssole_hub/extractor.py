@@ -1,0 +1,414 @@
+"""FeatureExtractor: images in, one embedding per image out, from any SSOLE (or timm) model.
+
+Preprocessing is never written here: it is timm's eval transform built from the model's own
+pretrained config (``timm.data.resolve_model_data_config`` + ``create_transform``), so the
+extractor, ``ssole-hub extract``, the server and evaluation all feed a model exactly what it was
+trained for.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.data import create_transform, resolve_model_data_config
+from torch import nn
+from tqdm.auto import tqdm
+
+from ssole_hub.images import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    decode_image,
+    to_rgb,
+)
+
+__all__ = ["FeatureExtractor", "ImageInput", "Output", "resolve_dtype", "resolve_transform"]
+
+ImageInput = (
+    bytes | bytearray | memoryview | str | os.PathLike | Image.Image | torch.Tensor | np.ndarray
+)
+"""One image: encoded bytes, a file path, a PIL image, a ``(C, H, W)`` tensor (``uint8``
+0..255 or float 0..1, C = 1 or 3) or an ``(H, W[, C])`` ``uint8`` array."""
+
+Output = Literal["backbone", "projector"]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """The compute dtype: ``None`` / ``"auto"`` means bfloat16 on a CUDA device that supports it
+    (float16 on older GPUs) and float32 elsewhere.
+
+    Raises:
+        ValueError: an unknown dtype name, or a dtype that is not a float type.
+    """
+    if dtype is None or dtype == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}")
+        return _DTYPES[dtype]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    return dtype
+
+
+def resolve_transform(
+    model: nn.Module,
+) -> tuple[dict[str, Any], Callable[[Image.Image], torch.Tensor]]:
+    """The data config and eval transform of ``model``, from its pretrained config through timm.
+
+    This is the single preprocessing resolver of the project. Returns ``(data_config,
+    transform)``; ``transform`` maps an RGB PIL image to a normalised ``(3, H, W)`` float tensor.
+    """
+    backbone = getattr(model, "backbone", model)
+    config = resolve_model_data_config(backbone)
+    return config, create_transform(**config, is_training=False)
+
+
+class _BackboneProjector(nn.Module):
+    """Backbone then projector, applied to a batch of single images (no views axis)."""
+
+    def __init__(self, backbone: nn.Module, projector: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.projector = projector
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.backbone(x))
+
+
+def _output_dim(net: nn.Module, output: Output) -> int | None:
+    if output == "backbone":
+        dim = getattr(net, "num_features", None)
+        return int(dim) if dim else None
+    linears = [m for m in net.projector.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+def _model_id(module: nn.Module) -> str:
+    cfg = getattr(getattr(module, "backbone", module), "pretrained_cfg", None) or {}
+    if cfg.get("hf_hub_id"):
+        return str(cfg["hf_hub_id"])
+    if cfg.get("architecture"):
+        tag = cfg.get("tag")
+        return f"{cfg['architecture']}.{tag}" if tag else str(cfg["architecture"])
+    return type(module).__name__
+
+
+def _tensor_to_pil(t: torch.Tensor) -> Image.Image:
+    if t.ndim != 3 or t.shape[0] not in (1, 3):
+        raise ValueError(f"an image tensor must be (C, H, W) with C = 1 or 3, got {tuple(t.shape)}")
+    t = t.detach().cpu()
+    if t.is_floating_point():
+        if not torch.isfinite(t).all():
+            raise ValueError("an image tensor holds NaN or infinite values")
+        t = (t * 255).round().clamp(0, 255)
+    elif t.dtype != torch.uint8:
+        raise ValueError(f"an image tensor must be uint8 or float, got {t.dtype}")
+    arr = t.to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
+
+
+def _as_list(images: ImageInput | Iterable[ImageInput]) -> list[ImageInput]:
+    single = (bytes, bytearray, memoryview, str, os.PathLike, Image.Image)
+    if isinstance(images, single):
+        return [images]
+    if isinstance(images, torch.Tensor):
+        return list(images.unbind(0)) if images.ndim == 4 else [images]
+    if isinstance(images, np.ndarray):
+        return list(images) if images.ndim == 4 else [images]
+    return list(images)
+
+
+class FeatureExtractor:
+    """Embeds images with a backbone (or backbone + projector), preprocessing included.
+
+    Build one with :meth:`from_pretrained`; call :meth:`embed` (or the object itself). For
+    serving, the two halves are public: :meth:`preprocess` (thread-safe, CPU: images to a batch
+    tensor) and :meth:`embed_tensor` (the forward pass on such a batch).
+
+    Example::
+
+        fx = FeatureExtractor.from_pretrained("ssole_resnet18.in100_m4")
+        emb = fx.embed(["cat.jpg", "dog.png"])  # (2, 512) float32, rows unit-norm
+
+    Attributes:
+        model_id: name of the model (what it was loaded from, or its pretrained config's hub id).
+        output: ``"backbone"`` (pooled features) or ``"projector"`` (projector outputs).
+        dim: embedding dimension ``d``.
+        data_config: timm's data config (input size, interpolation, crop, mean, std).
+        transform: timm's eval transform, RGB PIL image -> ``(3, H, W)`` float tensor.
+        device: where the forward pass runs.
+        dtype: compute dtype (autocast below float32); outputs are always float32.
+        normalize: whether embeddings are L2-normalised.
+        decode_options: keyword arguments this extractor passes to
+            :func:`ssole_hub.images.decode_image` (limits, ``draft_size``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        model_id: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        output: Output = "backbone",
+        normalize: bool = True,
+        compile: bool = False,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        fast_decode: bool = False,
+    ) -> None:
+        """Wrap a built model; see :meth:`from_pretrained` for the arguments.
+
+        The model is not copied: it is put in eval mode and moved to ``device`` (channels-last)
+        in place, so several extractors (e.g. backbone and projector outputs) share its weights.
+
+        Raises:
+            ValueError: ``output`` is unknown, or ``"projector"`` for a model without one.
+        """
+        if output not in ("backbone", "projector"):
+            raise ValueError(f"output must be 'backbone' or 'projector', got {output!r}")
+        has_projector = hasattr(model, "projector") and hasattr(model, "backbone")
+        if output == "projector":
+            if not has_projector:
+                raise ValueError(
+                    f"output='projector' needs a model with .backbone and .projector; "
+                    f"{type(model).__name__} has none (load it with output='projector')"
+                )
+            net: nn.Module = _BackboneProjector(model.backbone, model.projector)
+        else:
+            net = model.backbone if has_projector else model
+        self.device = torch.device(
+            device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.output: Output = output
+        self.normalize = normalize
+        self.model_id = model_id or _model_id(model)
+        self.data_config, self.transform = resolve_transform(model)
+        draft_size = None
+        if fast_decode:
+            # timm's eval transform resizes the shorter side to input_size / crop_pct.
+            side = max(self.data_config["input_size"][1:])
+            draft_size = math.floor(side / self.data_config.get("crop_pct", 1.0))
+        self.decode_options: dict[str, Any] = dict(
+            max_bytes=max_bytes, max_pixels=max_pixels, draft_size=draft_size
+        )
+        # channels_last lets cuDNN and oneDNN pick their fastest convolution kernels (measured
+        # faster on CPU as well), so it is used on every device.
+        self._net = net.eval().to(self.device, memory_format=torch.channels_last)
+        self._run = torch.compile(self._net) if compile else self._net
+        dim = _output_dim(net, output)
+        self.dim = dim if dim is not None else int(self.warmup().shape[1])
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike | nn.Module,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | str | None = None,
+        output: Output = "backbone",
+        normalize: bool = True,
+        compile: bool = False,
+        pretrained: bool = True,
+        model_id: str | None = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        fast_decode: bool = False,
+    ) -> FeatureExtractor:
+        """Load a model and wrap it for embedding.
+
+        Args:
+            model: anything :func:`ssole_hub.hub.load_model` takes (a model name such as
+                ``"ssole_resnet18.in100_m4"``, ``"hf-hub:ORG/REPO"``, ``"local-dir:PATH"``, a
+                hub folder or a training checkpoint), or an already built ``nn.Module`` (a timm
+                backbone, or a module with ``.backbone`` and ``.projector``).
+            device: where to run; default CUDA when available, else CPU.
+            dtype: compute dtype, ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"float32"``,
+                ``"bfloat16"`` or ``"float16"``; lower precisions run under autocast.
+            output: ``"backbone"`` for pooled backbone features, ``"projector"`` for projector
+                outputs.
+            normalize: L2-normalise each embedding.
+            compile: ``torch.compile`` the forward pass (slower first call, faster after).
+            pretrained: load weights (only for names; ``False`` gives a random model).
+            model_id: name reported in :attr:`model_id`; default from ``model``.
+            max_bytes: largest encoded image accepted (see :func:`ssole_hub.images.decode_image`).
+            max_pixels: largest decoded image accepted.
+            fast_decode: decode large JPEGs at a reduced DCT scale that still covers the
+                model's resize size (``draft_size`` of :func:`ssole_hub.images.decode_image`):
+                much less decoding work, embeddings slightly different from a full decode.
+
+        Raises:
+            ValueError: bad ``output`` / ``dtype``, or errors from loading the model.
+            FileNotFoundError: a path that does not exist.
+        """
+        kwargs = dict(
+            device=device,
+            dtype=dtype,
+            output=output,
+            normalize=normalize,
+            compile=compile,
+            max_bytes=max_bytes,
+            max_pixels=max_pixels,
+            fast_decode=fast_decode,
+        )
+        if isinstance(model, nn.Module):
+            return cls(model, model_id=model_id, **kwargs)
+        from ssole_hub.hub import load_model
+
+        name = os.fspath(model)
+        module = load_model(name, pretrained=pretrained, with_projector=output == "projector")
+        return cls(module, model_id=model_id or name, **kwargs)
+
+    # -- images -> batch ---------------------------------------------------------------------
+
+    def load_image(self, image: ImageInput) -> Image.Image:
+        """Turn one input into an RGB PIL image: bytes and paths through the safe decoder (with
+        this extractor's limits), PIL images, tensors and arrays converted to RGB.
+
+        Raises:
+            ImageDecodeError: (or a subclass) the bytes / file are not a usable image.
+            ValueError: a tensor or array of the wrong shape or dtype.
+            TypeError: an input of another type.
+        """
+        if isinstance(image, bytes | bytearray | memoryview | str | os.PathLike):
+            return decode_image(image, **self.decode_options)
+        if isinstance(image, Image.Image):
+            return to_rgb(image)
+        if isinstance(image, torch.Tensor):
+            return to_rgb(_tensor_to_pil(image))
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim not in (2, 3):
+                raise ValueError(
+                    f"an image array must be uint8 (H, W) or (H, W, C), got {image.dtype} "
+                    f"{image.shape}"
+                )
+            return to_rgb(Image.fromarray(image))
+        raise TypeError(
+            f"cannot embed a {type(image).__name__}; pass paths, bytes, PIL images or tensors"
+        )
+
+    def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Decode and transform ``images`` into one ``(n, 3, H, W)`` float32 CPU batch.
+
+        Runs on the CPU only and holds no state, so it is safe to call from worker threads.
+
+        Raises:
+            ImageDecodeError: (or a subclass, the same class) naming the index of the bad image.
+            ValueError / TypeError: as :meth:`load_image`, naming the index.
+        """
+        return self._preprocess(images, offset=0)
+
+    def _preprocess(self, images: Sequence[ImageInput], offset: int) -> torch.Tensor:
+        tensors = []
+        for i, image in enumerate(images):
+            try:
+                tensors.append(self.transform(self.load_image(image)))
+            except (ImageDecodeError, ValueError, TypeError) as exc:
+                raise type(exc)(f"image {offset + i}: {exc}") from exc
+        if not tensors:
+            return torch.empty(0, *self.data_config["input_size"])
+        return torch.stack(tensors)
+
+    # -- batch -> embeddings -----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def embed_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        """Run the model on a preprocessed batch ``(n, 3, H, W)`` (as :meth:`preprocess` makes).
+
+        Returns:
+            ``(n, dim)`` float32 embeddings on the CPU, L2-normalised if :attr:`normalize`.
+
+        Raises:
+            ValueError: ``batch`` is not a 4-d tensor with 3 channels.
+        """
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise ValueError(f"batch must be (n, 3, H, W), got {tuple(batch.shape)}")
+        if batch.shape[0] == 0:
+            return torch.empty(0, getattr(self, "dim", 0))
+        x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        if self.dtype == torch.float32:
+            out = self._run(x.float())
+        else:
+            with torch.autocast(self.device.type, dtype=self.dtype):
+                out = self._run(x)
+        out = out.float()
+        if self.normalize:
+            out = F.normalize(out, dim=1)
+        return out.cpu()
+
+    forward = embed_tensor
+
+    def warmup(self, batch_size: int = 1) -> torch.Tensor:
+        """Run one forward pass on a zero batch (loads kernels, compiles); returns its output."""
+        return self.embed_tensor(torch.zeros(batch_size, *self.data_config["input_size"]))
+
+    def embed(
+        self,
+        images: ImageInput | Iterable[ImageInput],
+        batch_size: int = 32,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Embed images of any accepted kind (see :data:`ImageInput`), in input order.
+
+        The next batch is decoded in a background thread while the current one runs through
+        the model. For millions of files use :func:`ssole_hub.extract.extract_dataset`.
+
+        Args:
+            images: one image, a list of them, or an ``(n, C, H, W)`` image tensor.
+            batch_size: images per forward pass.
+            progress: show a progress bar.
+
+        Returns:
+            ``(n, dim)`` float32 CPU tensor, row ``i`` for input ``i``.
+
+        Raises:
+            ImageDecodeError: (or a subclass) naming the index of the first bad image.
+            ValueError: ``batch_size`` below 1, or a bad tensor / array input.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        items = _as_list(images)
+        chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+        out = []
+        with (
+            ThreadPoolExecutor(max_workers=1) as pool,
+            tqdm(total=len(items), disable=not progress, unit="img", desc="embed") as bar,
+        ):
+            pending = pool.submit(self._preprocess, chunks[0], 0) if chunks else None
+            for k in range(len(chunks)):
+                batch = pending.result()
+                if k + 1 < len(chunks):
+                    pending = pool.submit(self._preprocess, chunks[k + 1], (k + 1) * batch_size)
+                out.append(self.embed_tensor(batch))
+                bar.update(len(batch))
+        return torch.cat(out) if out else torch.empty(0, self.dim)
+
+    __call__ = embed
+
+    def __repr__(self) -> str:
+        return (
+            f"FeatureExtractor(model_id={self.model_id!r}, output={self.output!r}, dim={self.dim}, "
+            f"device={self.device}, dtype={self.dtype}, normalize={self.normalize})"
+        )
