@@ -1,0 +1,104 @@
+"""The error contract: every failure is ``{"error": {"message", "type", "code"}}`` with its status.
+
+==========  =======================  ==============================================================
+status      type                     codes
+==========  =======================  ==============================================================
+400         invalid_request_error    invalid_image (damaged/truncated/empty), invalid_base64,
+                                     invalid_json, empty_body, output_unavailable, bad_request
+                                     (malformed multipart)
+401         authentication_error     invalid_api_key (with ``WWW-Authenticate: Bearer``)
+404         not_found_error          model_not_found (``model`` names another model), not_found
+405         invalid_request_error    method_not_allowed
+413         invalid_request_error    image_too_large (encoded bytes or decoded pixels),
+                                     too_many_items, request_too_large
+415         invalid_request_error    unsupported_media_type (not an image, a non-image data URI
+                                     or part, or the wrong request content type)
+422         invalid_request_error    validation_error (the body does not fit the schema)
+503         overloaded_error         queue_full, model_not_ready (both with ``Retry-After``)
+503         server_error             model_load_failed
+500         server_error             internal_error (a bug, never caused by input)
+==========  =======================  ==============================================================
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+__all__ = ["APIError", "error_body", "error_response"]
+
+
+class APIError(Exception):
+    """An error that the HTTP layer answers with ``status_code`` and the contract's JSON body."""
+
+    def __init__(
+        self,
+        status_code: int,
+        code: str,
+        message: str,
+        *,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.code = code
+        self.message = message
+        self.type = type or _default_type(status_code)
+        self.headers = headers or {}
+
+    # One constructor per rejection keeps status, type and code consistent across routes.
+    @classmethod
+    def bad_request(cls, code: str, message: str) -> APIError:
+        return cls(400, code, message)
+
+    @classmethod
+    def too_large(cls, code: str, message: str) -> APIError:
+        return cls(413, code, message)
+
+    @classmethod
+    def unsupported_media_type(cls, message: str) -> APIError:
+        return cls(415, "unsupported_media_type", message)
+
+    @classmethod
+    def unauthorized(cls, message: str) -> APIError:
+        return cls(401, "invalid_api_key", message, headers={"WWW-Authenticate": "Bearer"})
+
+    @classmethod
+    def model_not_found(cls, requested: str, served: str) -> APIError:
+        return cls(
+            404,
+            "model_not_found",
+            f"model {requested!r} is not served here; this server serves {served!r}",
+        )
+
+    @classmethod
+    def unavailable(cls, code: str, message: str, retry_after_s: int) -> APIError:
+        return cls(503, code, message, headers={"Retry-After": str(max(1, int(retry_after_s)))})
+
+
+def _default_type(status_code: int) -> str:
+    if status_code == 401:
+        return "authentication_error"
+    if status_code == 404:
+        return "not_found_error"
+    if status_code == 503:
+        return "overloaded_error"
+    if status_code >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def error_body(message: str, type: str, code: str) -> dict[str, Any]:
+    """The contract's error JSON."""
+    return {"error": {"message": message, "type": type, "code": code}}
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    """The response for ``exc``: its status, headers and the contract's JSON body."""
+    return JSONResponse(
+        error_body(exc.message, exc.type, exc.code),
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )

@@ -1,0 +1,103 @@
+"""Request and response bodies of the HTTP API (OpenAI-compatible where OpenAI has a shape)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "Embedding",
+    "EmbeddingRequest",
+    "EmbeddingResponse",
+    "EncodingFormat",
+    "ModelCard",
+    "ModelList",
+    "Output",
+    "Status",
+    "Usage",
+]
+
+EncodingFormat = Literal["float", "base64"]
+Output = Literal["backbone", "projector"]
+
+
+class EmbeddingRequest(BaseModel):
+    """``POST /v1/embeddings``: one image or a list of images as data URIs or bare base64."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"input": ["data:image/jpeg;base64,/9j/4AAQ..."], "normalize": True}]
+        },
+    )
+
+    input: str | Annotated[list[str], Field(min_length=1)] = Field(
+        description="an image, or a non-empty list of images: `data:image/<type>;base64,...` "
+        "data URIs or bare base64 of the encoded file (JPEG, PNG, WebP, GIF, BMP, TIFF, ...)",
+    )
+    model: str | None = Field(
+        default=None, description="the served model's id (see /v1/models); optional"
+    )
+    encoding_format: EncodingFormat = Field(
+        default="float",
+        description="`float`: lists of numbers; `base64`: little-endian float32 bytes, base64",
+    )
+    normalize: bool = Field(default=True, description="L2-normalise each embedding")
+    output: Output | None = Field(
+        default=None,
+        description="`backbone` (pooled features) or `projector` (SSOLE projector output); "
+        "default set by the server",
+    )
+    user: str | None = Field(default=None, description="ignored; accepted for OpenAI clients")
+
+
+class Embedding(BaseModel):
+    """One image's embedding; ``index`` is its position in the request."""
+
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    """Work done; OpenAI's token fields count images here."""
+
+    prompt_tokens: int
+    total_tokens: int
+    images: int
+
+
+class EmbeddingResponse(BaseModel):
+    """The embeddings of a request, in the order of its inputs."""
+
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    """The served model, with its embedding sizes once loaded."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "ssole-hub"
+    ready: bool
+    dimensions: dict[str, int] = Field(
+        default_factory=dict, description="embedding size per available `output`"
+    )
+
+
+class ModelList(BaseModel):
+    """``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Status(BaseModel):
+    """``GET /health`` and ``GET /ready`` when the answer is yes."""
+
+    status: str

@@ -1,0 +1,139 @@
+"""Server settings: defaults, then ``SSOLE_SERVER_*`` environment variables, then command-line flags.
+
+Every field is both an environment variable (``max_batch_size`` -> ``SSOLE_SERVER_MAX_BATCH_SIZE``)
+and a flag (``--max-batch-size``); a flag wins over the variable, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ServerSettings", "build_arg_parser", "settings_from_args"]
+
+Output = Literal["backbone", "projector"]
+
+
+class ServerSettings(BaseSettings):
+    """Everything the embedding server can be configured with; each limit has a safe default."""
+
+    model_config = SettingsConfigDict(env_prefix="SSOLE_SERVER_", extra="forbid")
+
+    model: str = Field(
+        description="model to serve: a timm name (ssole_resnet50.in1k_m8), local-dir:PATH or "
+        "hf-hub:ORG/REPO"
+    )
+    served_model_name: str | None = Field(
+        default=None,
+        description="name clients pass as `model` (default: the folder or repo name of --model)",
+    )
+    host: str = Field(default="127.0.0.1", description="address to bind")
+    port: int = Field(default=8000, ge=0, le=65535, description="port to bind")
+    device: str = Field(default="auto", description="torch device: auto, cpu, cuda, cuda:1, ...")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto",
+        description="compute dtype; auto: bfloat16 on GPUs that support it, float32 on CPU",
+    )
+    default_output: Output = Field(
+        default="backbone", description="embedding returned when a request names no `output`"
+    )
+    max_batch_size: int = Field(default=32, ge=1, description="images per forward pass")
+    max_batch_wait_ms: float = Field(
+        default=10.0,
+        ge=0,
+        description="longest time the oldest queued image waits for its batch to fill",
+    )
+    max_queue: int = Field(
+        default=256, ge=1, description="images waiting for inference before new work gets 503"
+    )
+    max_image_bytes: int = Field(
+        default=16 * 2**20, ge=1, description="largest encoded image, in bytes"
+    )
+    max_image_pixels: int = Field(
+        default=40_000_000, ge=1, description="largest decoded image, width x height"
+    )
+    max_items: int = Field(default=64, ge=1, description="images per request")
+    max_request_bytes: int = Field(
+        default=64 * 2**20, ge=1, description="largest request body, in bytes"
+    )
+    api_key: SecretStr | None = Field(
+        default=None, description="if set, /v1/* requires `Authorization: Bearer <key>`"
+    )
+    decode_threads: int = Field(
+        default=min(4, os.cpu_count() or 1),
+        ge=1,
+        description="threads that decode and preprocess images",
+    )
+    keep_alive_s: float = Field(
+        default=65.0,
+        gt=0,
+        description="idle seconds before a keep-alive connection is closed (keep it above any "
+        "load balancer's idle timeout, so the balancer never reuses a closing connection)",
+    )
+    warmup: bool = Field(default=True, description="run forward passes before reporting ready")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        default="info", description="uvicorn log level"
+    )
+
+    @field_validator("api_key")
+    @classmethod
+    def _empty_key_is_no_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty SSOLE_SERVER_API_KEY= in a compose file means "no key", not "the empty key".
+        return value if value is not None and value.get_secret_value() else None
+
+    @model_validator(mode="after")
+    def _items_fit_the_queue(self) -> ServerSettings:
+        if self.max_items > self.max_queue:
+            raise ValueError(
+                f"max_items ({self.max_items}) must not exceed max_queue ({self.max_queue}): "
+                "a request that large could never be queued"
+            )
+        return self
+
+    @property
+    def model_id(self) -> str:
+        """The name served in ``/v1/models`` and accepted as a request's ``model``."""
+        if self.served_model_name:
+            return self.served_model_name
+        spec = self.model
+        for prefix in ("local-dir:", "hf-hub:"):
+            if spec.startswith(prefix):
+                spec = spec.removeprefix(prefix).rstrip("/")
+                return spec.rsplit("/", 1)[-1] if prefix == "local-dir:" else spec
+        return spec
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """An argument parser with one ``--flag`` per :class:`ServerSettings` field.
+
+    Flags default to "not given" so that environment variables still apply underneath them.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Serve SSOLE image embeddings over HTTP (OpenAI-compatible /v1/embeddings). "
+        "Every flag can also be set as SSOLE_SERVER_<FLAG> in the environment.",
+        argument_default=argparse.SUPPRESS,
+    )
+    for name, field in ServerSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = field.description or ""
+        if field.annotation is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag, metavar=name.upper(), help=help_text)
+    return parser
+
+
+def settings_from_args(argv: Sequence[str] | None = None) -> ServerSettings:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) over the environment into validated settings.
+
+    Raises:
+        pydantic.ValidationError: if a value is missing or invalid (names the field).
+    """
+    given: dict[str, Any] = vars(build_arg_parser().parse_args(argv))
+    return ServerSettings(**given)

@@ -1,0 +1,163 @@
+"""The dynamic batcher on its own, driven by plain callables (no model, no HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from server.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
+from server.metrics import ServerMetrics
+
+
+class Recorder:
+    """An ``infer`` that squares numbers and remembers every batch it was given."""
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.batches: list[tuple[list, object]] = []
+        self.gate = gate
+        self.entered = threading.Event()
+
+    def __call__(self, items: list, key: object) -> list:
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(timeout=30)
+        self.batches.append((list(items), key))
+        return [x * x for x in items]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_results_come_back_in_order_for_every_request():
+    async def main():
+        rec = Recorder()
+        b = DynamicBatcher(rec, max_batch_size=4, max_wait_s=0.01, max_queue=100)
+        await b.start()
+        requests = [list(range(i, i + 1 + i % 3)) for i in range(20)]
+        outs = await asyncio.gather(*(b.submit(r) for r in requests))
+        await b.stop()
+        return requests, outs, rec
+
+    requests, outs, rec = run(main())
+    for req, (results, timing) in zip(requests, outs, strict=True):
+        assert results == [x * x for x in req]
+        assert timing.inference_s > 0 and timing.batch_sizes
+    assert all(len(items) <= 4 for items, _ in rec.batches)
+    assert max(len(items) for items, _ in rec.batches) > 1
+
+
+def test_items_with_different_keys_never_share_a_batch():
+    async def main():
+        rec = Recorder()
+        b = DynamicBatcher(rec, max_batch_size=8, max_wait_s=0.05, max_queue=100)
+        await b.start()
+        await asyncio.gather(
+            *(b.submit([i], key="even" if i % 2 == 0 else "odd") for i in range(16))
+        )
+        await b.stop()
+        return rec
+
+    rec = run(main())
+    for items, key in rec.batches:
+        assert all((x % 2 == 0) == (key == "even") for x in items)
+
+
+def test_full_queue_rejects_without_queueing_and_recovers():
+    async def main():
+        gate = threading.Event()
+        rec = Recorder(gate)
+        metrics = ServerMetrics()
+        b = DynamicBatcher(rec, max_batch_size=2, max_wait_s=0, max_queue=3, metrics=metrics)
+        await b.start()
+        first = asyncio.create_task(b.submit([1]))
+        while not rec.entered.is_set():  # the worker holds item 1 inside infer
+            await asyncio.sleep(0.001)
+        queued = asyncio.create_task(b.submit([2, 3, 4]))
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFullError) as info:
+            await b.submit([5])
+        depth_when_full = b.depth
+        gate.set()
+        await asyncio.gather(first, queued)
+        after, _ = await b.submit([6])
+        await b.stop()
+        return info.value, depth_when_full, after, rec
+
+    err, depth_when_full, after, rec = run(main())
+    assert err.retry_after_s >= 1 and "full" in str(err)
+    assert depth_when_full == 3
+    assert after == [36]
+    assert 5 not in [x for items, _ in rec.batches for x in items]
+
+
+def test_cancelled_request_is_dropped_before_inference():
+    async def main():
+        gate = threading.Event()
+        rec = Recorder(gate)
+        b = DynamicBatcher(rec, max_batch_size=1, max_wait_s=0, max_queue=10)
+        await b.start()
+        busy = asyncio.create_task(b.submit([1]))
+        while not rec.entered.is_set():
+            await asyncio.sleep(0.001)
+        gone = asyncio.create_task(b.submit([7]))
+        await asyncio.sleep(0.01)
+        assert b.depth == 1
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        depth_after_cancel = b.depth
+        gate.set()
+        await busy
+        await b.submit([2])
+        await b.stop()
+        return rec, depth_after_cancel
+
+    rec, depth_after_cancel = run(main())
+    assert depth_after_cancel == 0
+    computed = [x for items, _ in rec.batches for x in items]
+    assert 7 not in computed and computed == [1, 2]
+
+
+def test_infer_failure_fails_only_that_batch():
+    def infer(items, key):
+        if key == "bad":
+            raise RuntimeError("boom")
+        return items
+
+    async def main():
+        b = DynamicBatcher(infer, max_batch_size=4, max_wait_s=0.01, max_queue=10)
+        await b.start()
+        good, bad = await asyncio.gather(
+            b.submit([1, 2], key="good"), b.submit([3], key="bad"), return_exceptions=True
+        )
+        await b.stop()
+        return good, bad
+
+    good, bad = run(main())
+    assert good[0] == [1, 2]
+    assert isinstance(bad, RuntimeError) and "boom" in str(bad)
+
+
+def test_submit_before_start_is_a_clear_error():
+    async def main():
+        b = DynamicBatcher(Recorder(), max_batch_size=1, max_wait_s=0, max_queue=1)
+        with pytest.raises(BatcherClosedError):
+            await b.submit([1])
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(max_batch_size=0, max_wait_s=0, max_queue=1),
+        dict(max_batch_size=1, max_wait_s=-1, max_queue=1),
+        dict(max_batch_size=1, max_wait_s=float("nan"), max_queue=1),
+        dict(max_batch_size=1, max_wait_s=0, max_queue=0),
+    ],
+)
+def test_invalid_sizes_are_rejected(kwargs):
+    with pytest.raises(ValueError, match="max_"):
+        DynamicBatcher(Recorder(), **kwargs)
