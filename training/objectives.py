@@ -22,10 +22,18 @@ Objective = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 METHODS = ("ssole", "vicreg", "barlowtwins", "simclr")
 
 
+def _check_views(z: torch.Tensor) -> None:
+    if z.ndim != 3 or z.shape[0] < 2 or z.shape[1] < 2:
+        raise ValueError(
+            f"embeddings must be (B, N, d) with B >= 2 images and N >= 2 views, got shape {tuple(z.shape)}"
+        )
+
+
 def _pairwise(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Objective:
     def objective(z: torch.Tensor) -> dict[str, torch.Tensor]:
+        _check_views(z)
         pairs = list(itertools.combinations(range(z.shape[1]), 2))
-        loss = sum(loss_fn(z[:, i], z[:, j]) for i, j in pairs) / len(pairs)
+        loss = sum(loss_fn(z[:, i].float(), z[:, j].float()) for i, j in pairs) / len(pairs)
         return {"loss": loss}
 
     return objective
@@ -39,12 +47,15 @@ def build_objective(
     SSOLE L2-normalises the embeddings itself and reports its parts (``loss_low``, ``loss_high``,
     ``rank_low``, ``rank_high``); ``gather`` makes every method use all ranks' embeddings.
 
+    Every objective raises ``ValueError`` for input that is not ``(B, N, d)`` with B, N >= 2.
+
     Raises:
         ValueError: for an unknown method.
     """
     if method == "ssole":
 
         def ssole(z: torch.Tensor) -> dict[str, torch.Tensor]:
+            _check_views(z)
             return ssole_loss(F.normalize(z.float(), dim=-1), lambda_, gamma, gather)._asdict()
 
         return ssole
