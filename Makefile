@@ -19,7 +19,7 @@ test: venv
 	$(PY) -m pytest -q
 
 demo: venv
-	$(PY) -m ssole_hub.demo
+	$(PY) -m training.demo $(if $(RETRAIN),--retrain) $(if $(DATASET),--dataset $(DATASET))
 
 lint: venv
 	$(VENV)/bin/ruff check .

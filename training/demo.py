@@ -1,0 +1,191 @@
+"""The end-to-end demo behind ``make demo``: pre-train -> evaluate -> export -> serve.
+
+On a fresh machine with no GPU and no internet it pre-trains an SSOLE ResNet-18 on an embedded
+dataset (scikit-learn's 8x8 digits by default; Fashion-MNIST with ``--dataset fashion-mnist`` when
+Debian's ``dataset-fashion-mnist`` is installed), measures its kNN top-1 against the same
+architecture at random init, exports it as a hub folder with its model card, writes a sample
+photo, prints copy-paste examples (curl, vanilla timm, ``torch.hub``) and serves the model on
+127.0.0.1:8000 until Ctrl-C. A second run reuses the trained checkpoint (``--retrain`` trains
+again)::
+
+    python -m training.demo [--out demo_out] [--retrain] [--no-serve] [--port 8000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+
+from ssole_hub.hub import export_hub_folder, load_model
+from training.config import load_config
+from training.evaluate import evaluate
+from training.pretrain import run
+
+__all__ = ["example_commands", "main", "run_demo"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = {
+    "digits": REPO_ROOT / "training/configs/digits_demo.yaml",
+    "fashion-mnist": REPO_ROOT / "training/configs/fashion_mnist_r18.yaml",
+}
+# Fashion-MNIST at the demo's budget: a few epochs on a 6k-image subset fit the 5-minute limit.
+DATASET_OVERRIDES = {
+    "digits": [],
+    "fashion-mnist": ["epochs=3", "data.max_images=6000", "knn.every_epochs=3"],
+}
+
+
+def _banner(text: str) -> None:
+    print(f"\n==> {text}", flush=True)
+
+
+def _train(out: Path, dataset: str, retrain: bool, overrides: Sequence[str]) -> Path:
+    checkpoint = out / "run" / "final.pt"
+    if checkpoint.is_file() and not retrain:
+        _banner(f"Reusing the trained checkpoint {checkpoint} (--retrain trains again)")
+        return checkpoint
+    _banner(f"Pre-training an SSOLE ResNet-18 on {dataset} (CPU is fine; progress below)")
+    cfg = load_config(
+        CONFIGS[dataset],
+        [f"output_dir={out}", "run_name=run", *DATASET_OVERRIDES[dataset], *overrides],
+    )
+    return run(cfg)
+
+
+def _knn(checkpoint: Path, dataset: str, limit: int | None) -> dict[str, Any]:
+    _banner("Evaluating: weighted kNN (k=20, T=0.07) of the trained backbone vs random init")
+    trained = load_model(str(checkpoint))
+    torch.manual_seed(0)
+    random_init = timm.create_model(trained.pretrained_cfg["architecture"]).eval()
+    random_init.pretrained_cfg = trained.pretrained_cfg  # same preprocessing for both
+    scores = {}
+    for name, model in (("ssole", trained), ("random_init", random_init)):
+        result = evaluate(model, dataset, protocols=("knn",), train_limit=limit, test_limit=limit)
+        scores[name] = result["protocols"]["knn"]["top1"]
+    print(
+        f"kNN top-1 on {dataset}: SSOLE {scores['ssole']:.1f}%  random init {scores['random_init']:.1f}%"
+    )
+    return {
+        "dataset": dataset,
+        "protocols": {"knn": {"top1": scores["ssole"], "k": 20, "T": 0.07}},
+        "random_init_knn_top1": scores["random_init"],
+    }
+
+
+def _example_image(out: Path) -> Path:
+    from skimage import data
+
+    path = out / "example.jpg"
+    Image.fromarray(np.asarray(data.astronaut())).save(path, quality=90)
+    return path
+
+
+def example_commands(
+    model_dir: Path, image: Path, port: int, python: str = sys.executable
+) -> list[str]:
+    """Shell commands that use the served and exported model; they work as printed."""
+    url = f"http://127.0.0.1:{port}"
+    model_dir, image = model_dir.resolve(), image.resolve()
+    timm_code = (
+        "import timm, torch; from PIL import Image; "
+        f'm = timm.create_model("local-dir:{model_dir}", pretrained=True).eval(); '
+        "t = timm.data.create_transform(**timm.data.resolve_model_data_config(m)); "
+        f'x = t(Image.open("{image}").convert("RGB")).unsqueeze(0); '
+        'print("timm features", tuple(m(x).shape))'
+    )
+    hub_code = (
+        "import torch; "
+        f'm = torch.hub.load("{REPO_ROOT}", "load_model", "local-dir:{model_dir}", source="local"); '
+        'print("torch.hub features", tuple(m(torch.rand(1, 3, 64, 64)).shape))'
+    )
+    return [
+        f"curl -s -F files=@{shlex.quote(str(image))} {url}/v1/embeddings/upload | head -c 300; echo",
+        # The JSON body goes through a pipe: a large image would exceed a shell argument's limit.
+        f"(printf '{{\"input\": \"'; base64 -w0 {shlex.quote(str(image))}; printf '\"}}') "
+        f"| curl -s {url}/v1/embeddings -H 'Content-Type: application/json' --data-binary @- "
+        "| head -c 300; echo",
+        f"{shlex.quote(python)} -c '{timm_code}'",
+        f"{shlex.quote(python)} -c '{hub_code}'",
+    ]
+
+
+def run_demo(
+    out: Path,
+    dataset: str = "digits",
+    retrain: bool = False,
+    port: int = 8000,
+    eval_limit: int | None = None,
+    overrides: Sequence[str] = (),
+) -> tuple[Path, list[str]]:
+    """Train (or reuse), evaluate, export and write the examples; returns the hub folder and the
+    example commands (also written to ``out/examples.sh``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = _train(out, dataset, retrain, overrides)
+    results = _knn(checkpoint, dataset, eval_limit)
+    (out / "eval.json").write_text(json.dumps(results, indent=2))
+    _banner("Exporting a timm-compatible hub folder with its model card")
+    model_dir = export_hub_folder(checkpoint, out / "model", overwrite=True, eval_results=results)
+    print(f"hub folder: {model_dir} ({', '.join(sorted(p.name for p in model_dir.iterdir()))})")
+    commands = example_commands(model_dir, _example_image(out), port)
+    (out / "examples.sh").write_text("#!/usr/bin/env bash\nset -e\n" + "\n".join(commands) + "\n")
+    return model_dir, commands
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--out", default="demo_out", type=Path, help="where the run, hub folder and examples go"
+    )
+    p.add_argument("--dataset", choices=sorted(CONFIGS), default="digits")
+    p.add_argument("--retrain", action="store_true", help="train again even if a checkpoint exists")
+    p.add_argument("--no-serve", action="store_true", help="stop after export instead of serving")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--eval-limit", type=int, default=None, help="evaluate on at most this many images"
+    )
+    p.add_argument("overrides", nargs="*", help="training config overrides, key=value")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo; returns the exit status."""
+    args = _parser().parse_args(argv)
+    model_dir, commands = run_demo(
+        args.out, args.dataset, args.retrain, args.port, args.eval_limit, args.overrides
+    )
+    _banner("Try it (copy-paste; also in " + str(args.out / "examples.sh") + ")")
+    print("\n".join(commands))
+    if args.no_serve:
+        return 0
+    _banner(f"Serving on http://{args.host}:{args.port} (docs at /docs; Ctrl-C to stop)")
+    server = [
+        sys.executable,
+        "-m",
+        "server",
+        "--model",
+        f"local-dir:{model_dir.resolve()}",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    try:
+        return subprocess.call(server, cwd=REPO_ROOT)
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
