@@ -236,13 +236,29 @@ def eval_transform(
 ) -> Callable[[Image.Image], torch.Tensor]:
     """timm's evaluation transform (resize, centre crop, normalise) for a model or a
     ``pretrained_cfg`` dict: what the exported model uses, so evaluation matches deployment."""
-    from timm.data import create_transform, resolve_data_config, resolve_model_data_config
+    from timm.data import create_transform, resolve_data_config
+
+    from ssole_hub.extractor import resolve_transform
 
     if isinstance(model_or_cfg, nn.Module):
-        config = resolve_model_data_config(model_or_cfg)
-    else:
-        config = resolve_data_config(pretrained_cfg=dict(model_or_cfg))
-    return create_transform(**config, is_training=False)
+        return resolve_transform(model_or_cfg)[1]
+    return create_transform(
+        **resolve_data_config(pretrained_cfg=dict(model_or_cfg)), is_training=False
+    )
+
+
+class TransformedDataset(Dataset):
+    """``(PIL image, label)`` pairs of a dataset of this module, through a transform."""
+
+    def __init__(self, dataset: Dataset, transform: Callable[[Any], torch.Tensor]) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[index]
+        return self.transform(image), label
 
 
 def subset_indices(n: int, limit: int, seed: int = 0) -> Sequence[int]:

@@ -264,20 +264,6 @@ def evaluate_backbone(
     }
 
 
-class _Transformed(Dataset):
-    """``(PIL image, label)`` pairs of a dataset of :mod:`training.data`, through a transform."""
-
-    def __init__(self, dataset: Dataset, transform: Callable[[Any], torch.Tensor]) -> None:
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, label = self.dataset[index]
-        return self.transform(image), label
-
-
 def _evenly_spaced(dataset: Dataset, limit: int | None) -> Dataset:
     if limit is None or limit >= len(dataset):  # type: ignore[arg-type]
         return dataset
@@ -310,7 +296,7 @@ def labelled_datasets(
     """
     from timm.data import create_transform, resolve_model_data_config
 
-    from training.data import eval_transform, labelled_splits
+    from training.data import TransformedDataset, eval_transform, labelled_splits
 
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
@@ -337,8 +323,12 @@ def labelled_datasets(
         config = resolve_model_data_config(backbone)
         # The probe protocol's augmentation is random-resized-crop + flip only, no colour jitter.
         augment = create_transform(**config, is_training=True, hflip=0.5, color_jitter=None)
-        augmented_train = _Transformed(train, augment)
-    return _Transformed(train, transform), _Transformed(test, transform), augmented_train
+        augmented_train = TransformedDataset(train, augment)
+    return (
+        TransformedDataset(train, transform),
+        TransformedDataset(test, transform),
+        augmented_train,
+    )
 
 
 def evaluate(

@@ -90,3 +90,11 @@ def test_missing_or_malformed_config_files_fail_clearly(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(bad)
+
+
+def test_exponent_without_a_dot_is_read_as_a_number() -> None:
+    """PyYAML reads ``1e-05`` as a string; the config still takes it as the number it means."""
+    cfg = load_config(None, ["data.dataset=digits", "optim.weight_decay=1e-05"])
+    assert cfg.optim.weight_decay == pytest.approx(1e-5)
+    with pytest.raises(ConfigError, match=r"optim\.weight_decay must be finite"):
+        load_config(None, ["data.dataset=digits", "optim.weight_decay=nan"])
