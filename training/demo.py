@@ -39,10 +39,10 @@ CONFIGS = {
     "digits": REPO_ROOT / "training/configs/digits_demo.yaml",
     "fashion-mnist": REPO_ROOT / "training/configs/fashion_mnist_r18.yaml",
 }
-# Fashion-MNIST at the demo's budget: a few epochs on a 6k-image subset fit the 5-minute limit.
+# Fashion-MNIST at the demo's budget: a few epochs on a 5k-image subset fit the 5-minute limit.
 DATASET_OVERRIDES = {
     "digits": [],
-    "fashion-mnist": ["epochs=3", "data.max_images=6000", "knn.every_epochs=3"],
+    "fashion-mnist": ["epochs=3", "data.max_images=5000", "knn.every_epochs=3"],
 }
 
 
@@ -135,7 +135,9 @@ def run_demo(
     results = _knn(checkpoint, dataset, eval_limit)
     (out / "eval.json").write_text(json.dumps(results, indent=2))
     _banner("Exporting a timm-compatible hub folder with its model card")
-    model_dir = export_hub_folder(checkpoint, out / "model", overwrite=True, eval_results=results)
+    model_dir = export_hub_folder(
+        checkpoint, out / f"ssole_resnet18-{dataset}", overwrite=True, eval_results=results
+    )
     print(f"hub folder: {model_dir} ({', '.join(sorted(p.name for p in model_dir.iterdir()))})")
     commands = example_commands(model_dir, _example_image(out), port)
     (out / "examples.sh").write_text("#!/usr/bin/env bash\nset -e\n" + "\n".join(commands) + "\n")
