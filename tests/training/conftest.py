@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 from training.config import Config, load_config
 
@@ -35,3 +38,11 @@ def tiny_config(tmp_path) -> Callable[..., Config]:
         return load_config(None, [*TINY, f"output_dir={tmp_path / 'runs'}", *overrides])
 
     return make
+
+
+@pytest.fixture(scope="session")
+def digits_split():
+    """scikit-learn's real 8x8 digits as raw-pixel features, a stratified 70/30 split."""
+    x, y = load_digits(return_X_y=True)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
+    return tuple(torch.as_tensor(a) for a in (xtr, ytr, xte, yte))

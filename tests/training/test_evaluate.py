@@ -8,22 +8,12 @@ import json
 import pytest
 import timm
 import torch
-from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 import ssole_hub  # noqa: F401  (registers the ssole_* models with timm)
 from training.evaluate import PROTOCOLS, evaluate, evaluate_features, format_table, main
 from training.linear_probe import linear_probe_top1, train_linear_probe
-
-
-@pytest.fixture(scope="module")
-def digits_split():
-    """scikit-learn's real 8x8 digits as raw-pixel features, a stratified 70/30 split."""
-    x, y = load_digits(return_X_y=True)
-    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
-    return tuple(torch.as_tensor(a) for a in (xtr, ytr, xte, yte))
 
 
 def test_linear_probe_agrees_with_scikit_learn_logistic_regression_on_digits(digits_split):

@@ -5,19 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from sklearn.neighbors import KNeighborsClassifier
 
 from training.metrics import knn_predict, knn_top1, rankme
-
-
-@pytest.fixture(scope="module")
-def digits_split():
-    """scikit-learn's real 8x8 digits as raw-pixel features, a stratified 70/30 split."""
-    x, y = load_digits(return_X_y=True)
-    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
-    return tuple(torch.as_tensor(a) for a in (xtr, ytr, xte, yte))
 
 
 def test_knn_matches_scikit_learn_weighted_cosine_knn_on_digits(digits_split):
