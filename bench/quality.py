@@ -112,6 +112,7 @@ def budget_overrides(args: argparse.Namespace, data_root: Path, runs: Path) -> l
         f"epochs={args.epochs}",
         f"seed={args.seed}",
         f"device={args.device}",
+        f"precision={args.precision}",
         "knn.every_epochs=0",
         "log_every_steps=10",
         f"output_dir={runs}",
@@ -161,6 +162,13 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="training precision (auto: bf16 on CUDA, fp32 on CPU; bf16 also pays on CPUs with "
+        "AVX512-BF16 or AMX)",
+    )
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "quality"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.json"))
     args = parser.parse_args()
@@ -222,7 +230,7 @@ def main() -> int:
         for k in (
             "train_images", "test_images", "epochs", "views", "size", "batch_size",
             "projector_dim", "optimizer", "lr", "weight_decay", "warmup_epochs", "probe_epochs",
-            "seed",
+            "precision", "seed",
         )
     }  # fmt: skip
     trained = {r["model"]: r["knn_top1"] for r in rows if r["model"] in METHODS}
