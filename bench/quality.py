@@ -119,10 +119,13 @@ def budget_overrides(args: argparse.Namespace, data_root: Path, runs: Path) -> l
     ]
 
 
-def _row(name: str, result: dict[str, Any], train_s: float | None) -> dict[str, Any]:
+def _row(
+    name: str, result: dict[str, Any], train_s: float | None, method: str | None = None
+) -> dict[str, Any]:
     p = result["protocols"]
     return {
         "model": name,
+        "method": method,
         "knn_top1": p["knn"]["top1"],
         "linear_top1": p["linear"]["top1"],
         "rankme": p["rankme"],
@@ -158,6 +161,13 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=2.0)
     parser.add_argument("--weight-decay", type=float, default=1e-5)
     parser.add_argument("--warmup-epochs", type=float, default=0.25)
+    parser.add_argument(
+        "--peer-projector",
+        choices=("shared", "bn"),
+        default="shared",
+        help="shared: every method trains SSOLE's projector (no BatchNorm); bn: the peers put "
+        "BatchNorm after each hidden layer, as VICReg and Barlow Twins publish",
+    )
     parser.add_argument("--probe-epochs", type=int, default=100)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=42)
@@ -215,12 +225,23 @@ def main() -> int:
     print_table(rows[-1:])
 
     for method in methods:
-        cfg = load_config(None, [*overrides, f"method={method}", f"run_name={method}"])
+        # SSOLE keeps its released projector; --peer-projector bn gives each peer its own.
+        batch_norm = method != "ssole" and args.peer_projector == "bn"
+        name = f"{method} (BN projector)" if batch_norm else method
+        cfg = load_config(
+            None,
+            [
+                *overrides,
+                f"method={method}",
+                f"model.projector_batch_norm={str(batch_norm).lower()}",
+                f"run_name={method}{'-bn' if batch_norm else ''}",
+            ],
+        )
         started = time.perf_counter()
         checkpoint = run(cfg)
         train_s = time.perf_counter() - started
         result = evaluate(str(checkpoint), "fashion-mnist", data_root, **eval_kw)
-        rows.append(_row(method, result, train_s))
+        rows.append(_row(name, result, train_s, method))
         print_table(rows[-1:])
 
     print()
@@ -230,10 +251,10 @@ def main() -> int:
         for k in (
             "train_images", "test_images", "epochs", "views", "size", "batch_size",
             "projector_dim", "optimizer", "lr", "weight_decay", "warmup_epochs", "probe_epochs",
-            "precision", "seed",
+            "precision", "peer_projector", "seed",
         )
     }  # fmt: skip
-    trained = {r["model"]: r["knn_top1"] for r in rows if r["model"] in METHODS}
+    trained = {r["method"]: r["knn_top1"] for r in rows if r["method"]}
     summary = {}
     if "ssole" in trained and len(trained) > 1:
         best_peer = max((v, k) for k, v in trained.items() if k != "ssole")
