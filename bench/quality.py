@@ -3,16 +3,25 @@
 Every method trains the same ResNet-18 (``ssole_resnet18``) with the same projector, views,
 augmentations, optimiser, schedule, seed and number of steps through ``training.pretrain.run``;
 only ``method`` differs. The peers are ``lightly``'s 2-view losses averaged over all N*(N-1)/2
-pairs of the N views (``training.objectives``). Two baselines: kNN on raw pixels and the
-random-init backbone (the trainer's own initialisation, same seed). Each model is evaluated by
-``training.evaluate`` (weighted kNN k=20 T=0.07, linear probe, RankMe of the train features).
+pairs of the N views (``training.objectives``); ``--peer-projector bn`` (or ``shared,bn``) also
+trains them with BatchNorm in the projector, as VICReg and Barlow Twins publish. Two baselines:
+kNN on raw pixels and the random-init backbone (the trainer's own initialisation, same seed). Each
+model is evaluated by ``training.evaluate`` (weighted kNN k=20 T=0.07, linear probe, RankMe of the
+train features).
 
-Default: a CPU budget (a class-balanced Fashion-MNIST subset, 32 px, few steps). On a GPU::
+The default is a quick CPU budget (2,048 images, 1 epoch, 32 px). The CPU table in BENCHMARKS.md::
 
-    python bench/quality.py --train-images 60000 --test-images 10000 --epochs 50 \\
-        --batch-size 256 --workers 8
+    python bench/quality.py --train-images 4096 --test-images 10000 --epochs 32 --size 64 \\
+        --precision bf16 --peer-projector shared,bn
 
-Prints a table and writes ``bench/results/quality.json``.
+and on a GPU::
+
+    python bench/quality.py --train-images 60000 --test-images 10000 --epochs 50 --size 64 \\
+        --batch-size 256 --workers 8 --peer-projector shared,bn
+
+``--reuse`` evaluates finished runs of the same budget instead of retraining them
+(``--evaluate-only`` trains nothing and skips the rest). Prints a table and writes
+``bench/results/quality.json``.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,11 +45,11 @@ sys.path.insert(0, str(ROOT))
 import timm  # noqa: E402
 
 import ssole_hub  # noqa: E402, F401  (registers the ssole_* models with timm)
-from training.config import load_config  # noqa: E402
+from training.config import Config, config_to_dict, load_config  # noqa: E402
 from training.data import FASHION_MNIST_DIR, labelled_splits  # noqa: E402
 from training.evaluate import evaluate, evaluate_features, resolve_device  # noqa: E402
 from training.objectives import METHODS  # noqa: E402
-from training.pretrain import run  # noqa: E402
+from training.pretrain import run, run_dir_of  # noqa: E402
 from training.trainer import training_pretrained_cfg  # noqa: E402
 
 IDX_FILES = {
@@ -119,10 +129,50 @@ def budget_overrides(args: argparse.Namespace, data_root: Path, runs: Path) -> l
     ]
 
 
+def finished_run(cfg: Config) -> Path | None:
+    """The final checkpoint of an earlier run of exactly ``cfg`` (same saved ``config.yaml``),
+    or None when there is none or its config differs."""
+    run_dir = run_dir_of(cfg)
+    final, saved = run_dir / "final.pt", run_dir / "config.yaml"
+    if not (final.is_file() and saved.is_file()):
+        return None
+    # Round-trip through YAML so that both sides have the types the saved file has.
+    wanted = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    if yaml.safe_load(saved.read_text()) != wanted:
+        print(f"{run_dir.name}: the saved config differs from this budget; retraining")
+        return None
+    return final
+
+
+def _train_events(run_dir: Path) -> list[dict[str, Any]]:
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e.get("event") == "train"]
+
+
+def logged_train_seconds(run_dir: Path) -> float:
+    """Wall seconds from the run's first to its last logged training step (``log.jsonl``): a
+    reused run's training time (a few seconds short of the whole run: start-up, the steps before
+    the first log line and the last checkpoint are outside it)."""
+    times = [e["time"] for e in _train_events(run_dir)]
+    return times[-1] - times[0]
+
+
+def median_images_per_s(run_dir: Path) -> float | None:
+    """Median training throughput over the run's logged steps after the first (which includes
+    start-up): unlike the wall time, robust to a short burst of other load on the machine."""
+    rates = [e["images_per_s"] for e in _train_events(run_dir)[1:]]
+    return float(np.median(rates)) if rates else None
+
+
 def _row(
-    name: str, result: dict[str, Any], train_s: float | None, method: str | None = None
+    name: str,
+    result: dict[str, Any],
+    train_s: float | None = None,
+    method: str | None = None,
+    run_dir: Path | None = None,
 ) -> dict[str, Any]:
     p = result["protocols"]
+    images_per_s = median_images_per_s(run_dir) if run_dir else None
     return {
         "model": name,
         "method": method,
@@ -130,20 +180,27 @@ def _row(
         "linear_top1": p["linear"]["top1"],
         "rankme": p["rankme"],
         "train_s": None if train_s is None else round(train_s, 1),
+        "train_images_per_s": None if images_per_s is None else round(images_per_s, 1),
         "eval_s": result.get("seconds"),
     }
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     """Print the result rows as a Markdown table."""
-    print("| model | kNN top-1 | linear top-1 | RankMe | train wall s | eval wall s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| model | kNN top-1 | linear top-1 | RankMe | train wall s | train img/s (median) "
+        "| eval wall s |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+
+    def fmt(x: float | None) -> str:
+        return "-" if x is None else f"{x:.0f}"
+
     for r in rows:
-        train = "-" if r["train_s"] is None else f"{r['train_s']:.0f}"
-        ev = "-" if r["eval_s"] is None else f"{r['eval_s']:.0f}"
         print(
             f"| {r['model']} | {r['knn_top1']:.2f} | {r['linear_top1']:.2f} | "
-            f"{r['rankme']:.1f} | {train} | {ev} |"
+            f"{r['rankme']:.1f} | {fmt(r['train_s'])} | {fmt(r['train_images_per_s'])} "
+            f"| {fmt(r['eval_s'])} |"
         )
 
 
@@ -163,10 +220,20 @@ def main() -> int:
     parser.add_argument("--warmup-epochs", type=float, default=0.25)
     parser.add_argument(
         "--peer-projector",
-        choices=("shared", "bn"),
         default="shared",
-        help="shared: every method trains SSOLE's projector (no BatchNorm); bn: the peers put "
-        "BatchNorm after each hidden layer, as VICReg and Barlow Twins publish",
+        help="comma list of shared (every method trains SSOLE's projector, no BatchNorm) and bn "
+        "(the peers put BatchNorm after each hidden layer, as VICReg and Barlow Twins publish)",
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="evaluate a method's earlier run in --work-dir instead of retraining it when its "
+        "saved config is exactly this budget's (e.g. to finish an interrupted benchmark)",
+    )
+    parser.add_argument(
+        "--evaluate-only",
+        action="store_true",
+        help="train nothing: like --reuse, but skip the methods with no finished run",
     )
     parser.add_argument("--probe-epochs", type=int, default=100)
     parser.add_argument("--workers", type=int, default=1)
@@ -186,6 +253,17 @@ def main() -> int:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    projectors = [p.strip() for p in args.peer_projector.split(",") if p.strip()]
+    if not projectors or set(projectors) - {"shared", "bn"}:
+        parser.error(f"--peer-projector: {args.peer_projector!r} is not a comma list of shared, bn")
+    # SSOLE keeps its released projector; the peers train once per projector asked for.
+    variants = [
+        (method, batch_norm)
+        for method in methods
+        for batch_norm in (
+            [False] if method == "ssole" else [p == "bn" for p in dict.fromkeys(projectors)]
+        )
+    ]
 
     work = Path(args.work_dir)
     data_root = write_subset(work / "data", args.train_images, args.test_images, args.seed)
@@ -224,9 +302,7 @@ def main() -> int:
     rows.append(_row("random init", result, None))
     print_table(rows[-1:])
 
-    for method in methods:
-        # SSOLE keeps its released projector; --peer-projector bn gives each peer its own.
-        batch_norm = method != "ssole" and args.peer_projector == "bn"
+    for method, batch_norm in variants:
         name = f"{method} (BN projector)" if batch_norm else method
         cfg = load_config(
             None,
@@ -237,11 +313,20 @@ def main() -> int:
                 f"run_name={method}{'-bn' if batch_norm else ''}",
             ],
         )
-        started = time.perf_counter()
-        checkpoint = run(cfg)
-        train_s = time.perf_counter() - started
+        checkpoint = finished_run(cfg) if args.reuse or args.evaluate_only else None
+        reused = checkpoint is not None
+        if not reused and args.evaluate_only:
+            print(f"{cfg.run_name}: no finished run of this budget; skipped")
+            continue
+        if reused:
+            print(f"{cfg.run_name}: reusing its finished run")
+            train_s = logged_train_seconds(checkpoint.parent)
+        else:
+            started = time.perf_counter()
+            checkpoint = run(cfg)
+            train_s = time.perf_counter() - started
         result = evaluate(str(checkpoint), "fashion-mnist", data_root, **eval_kw)
-        rows.append(_row(name, result, train_s, method))
+        rows.append({**_row(name, result, train_s, method, checkpoint.parent), "reused": reused})
         print_table(rows[-1:])
 
     print()
@@ -254,7 +339,7 @@ def main() -> int:
             "precision", "peer_projector", "seed",
         )
     }  # fmt: skip
-    trained = {r["method"]: r["knn_top1"] for r in rows if r["method"]}
+    trained = {r["model"]: r["knn_top1"] for r in rows if r["method"]}
     summary = {}
     if "ssole" in trained and len(trained) > 1:
         best_peer = max((v, k) for k, v in trained.items() if k != "ssole")

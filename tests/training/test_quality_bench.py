@@ -21,54 +21,85 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize("peer_projector", ["shared", "bn"])
-def test_quality_benchmark_trains_every_method_on_one_budget_and_writes_its_table(
-    tmp_path, peer_projector
-):
-    out = tmp_path / "quality.json"
+def _bench(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, str(ROOT / "bench" / "quality.py"),
-        "--methods", "ssole,simclr", "--train-images", "100", "--test-images", "50",
-        "--epochs", "1", "--views", "2", "--size", "32", "--batch-size", "25",
-        "--projector-dim", "64", "--probe-epochs", "2", "--workers", "0", "--device", "cpu",
-        "--precision", "fp32", "--peer-projector", peer_projector, "--work-dir", str(tmp_path / "work"), "--out", str(out),
+        "--train-images", "100", "--test-images", "50", "--epochs", "2", "--views", "2",
+        "--size", "32", "--batch-size", "25", "--projector-dim", "64", "--probe-epochs", "2",
+        "--workers", "0", "--device", "cpu", "--precision", "fp32",
+        "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "quality.json"), *extra,
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
-    report = json.loads(out.read_text())
-    peer = "simclr" if peer_projector == "shared" else "simclr (BN projector)"
-    assert [r["model"] for r in report["rows"]] == ["raw pixels", "random init", "ssole", peer]
-    assert [r["method"] for r in report["rows"]] == [None, None, "ssole", "simclr"]
-    for row in report["rows"]:
+
+def test_quality_benchmark_trains_every_method_on_one_budget_and_writes_its_table(tmp_path):
+    done = _bench(tmp_path, "--methods", "ssole,simclr", "--peer-projector", "shared,bn")
+
+    report = json.loads((tmp_path / "quality.json").read_text())
+    rows = report["rows"]
+    names = ["raw pixels", "random init", "ssole", "simclr", "simclr (BN projector)"]
+    assert [r["model"] for r in rows] == names
+    assert [r["method"] for r in rows] == [None, None, "ssole", "simclr", "simclr"]
+    for row in rows:
         assert 0.0 <= row["knn_top1"] <= 100.0 and 0.0 <= row["linear_top1"] <= 100.0
         assert row["rankme"] >= 1.0
-    assert all(r["train_s"] > 0 for r in report["rows"][2:])
+    assert all(r["train_s"] > 0 and r["reused"] is False for r in rows[2:])
+    assert all(r["train_images_per_s"] > 0 for r in rows[2:])
     assert report["budget"]["train_images"] == 100 and report["budget"]["precision"] == "fp32"
-    # The summary is computed from the rows, not written separately.
-    ssole, simclr, raw = (report["rows"][i]["knn_top1"] for i in (2, 3, 0))
-    assert report["summary"]["best_peer"] == "simclr"
-    assert report["summary"]["ssole_minus_best_peer_knn"] == pytest.approx(ssole - simclr, abs=0.01)
-    assert report["summary"]["ssole_minus_raw_pixels_knn"] == pytest.approx(ssole - raw, abs=0.01)
+    # The summary is computed from the rows (both SimCLR variants count as peers).
+    knn = {r["model"]: r["knn_top1"] for r in rows}
+    best = max(names[3:], key=knn.__getitem__)
+    assert report["summary"]["best_peer"] == best
+    assert report["summary"]["ssole_minus_best_peer_knn"] == pytest.approx(
+        knn["ssole"] - knn[best], abs=0.01
+    )
+    assert report["summary"]["ssole_minus_raw_pixels_knn"] == pytest.approx(
+        knn["ssole"] - knn["raw pixels"], abs=0.01
+    )
     # The shared config names no machine's paths, and the table is printed.
     assert not any(str(tmp_path) in o for o in report["config_overrides"])
     assert "| ssole |" in done.stdout and "| raw pixels |" in done.stdout
     # SSOLE always trains its released projector (no BatchNorm); only peers may get one.
     runs = tmp_path / "work" / "runs"
-    peer_dir = "simclr" if peer_projector == "shared" else "simclr-bn"
-    ssole_ckpt = load_model_checkpoint(runs / "ssole" / "final.pt")
-    peer_ckpt = load_model_checkpoint(runs / peer_dir / "final.pt")
-    assert ssole_ckpt.projector_config["batch_norm"] is False
-    assert peer_ckpt.projector_config["batch_norm"] is (peer_projector == "bn")
+    for run_name, batch_norm in (("ssole", False), ("simclr", False), ("simclr-bn", True)):
+        ckpt = load_model_checkpoint(runs / run_name / "final.pt")
+        assert ckpt.projector_config["batch_norm"] is batch_norm, run_name
 
     # The subset is class-balanced: 10 of each of the 10 classes, 5 of each in the test split.
     train, test = labelled_splits("fashion-mnist", tmp_path / "work" / "data")
     assert np.bincount(train.labels).tolist() == [10] * 10
     assert np.bincount(test.labels).tolist() == [5] * 10
 
+    # --evaluate-only evaluates the finished runs again and skips those never run ...
+    finals = {d: (runs / d / "final.pt").stat().st_mtime_ns for d in ("ssole", "simclr")}
+    done = _bench(tmp_path, "--methods", "ssole,simclr,vicreg", "--evaluate-only")
+    assert "vicreg: no finished run of this budget; skipped" in done.stdout
+    assert not (runs / "vicreg").exists()
+    again = json.loads((tmp_path / "quality.json").read_text())["rows"]
+    assert [r["model"] for r in again] == names[:4]
+    assert [r["reused"] for r in again[2:]] == [True, True]
+    assert {d: (runs / d / "final.pt").stat().st_mtime_ns for d in finals} == finals
+    for before, after in zip(rows[:4], again, strict=True):
+        assert after["knn_top1"] == pytest.approx(before["knn_top1"], abs=1e-6), after["model"]
+        if before["train_s"] is not None:  # the logged span lies inside the whole run
+            assert 0 < after["train_s"] <= before["train_s"]
+    # ... and --reuse retrains a run whose saved config is not this budget's.
+    done = _bench(tmp_path, "--methods", "ssole", "--reuse", "--lr", "1.0")
+    assert "ssole: the saved config differs from this budget; retraining" in done.stdout
+    assert (runs / "ssole" / "final.pt").stat().st_mtime_ns != finals["ssole"]
+    assert json.loads((tmp_path / "quality.json").read_text())["rows"][2]["reused"] is False
 
-def test_quality_benchmark_rejects_an_unknown_method(tmp_path):
-    cmd = [sys.executable, str(ROOT / "bench" / "quality.py"), "--methods", "ssole,byol"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert done.returncode == 2
-    assert "unknown method(s) byol" in done.stderr
+
+def test_quality_benchmark_rejects_an_unknown_method_or_projector(tmp_path):
+    bench = [sys.executable, str(ROOT / "bench" / "quality.py")]
+    for args, message in (
+        (["--methods", "ssole,byol"], "unknown method(s) byol"),
+        (["--peer-projector", "shared,ln"], "is not a comma list of shared, bn"),
+    ):
+        done = subprocess.run(
+            [*bench, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path
+        )
+        assert done.returncode == 2, args
+        assert message in done.stderr, done.stderr
