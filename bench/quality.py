@@ -243,8 +243,7 @@ def main() -> int:
         "--precision",
         choices=("auto", "fp32", "bf16", "fp16"),
         default="auto",
-        help="training precision (auto: bf16 on CUDA, fp32 on CPU; bf16 also pays on CPUs with "
-        "AVX512-BF16 or AMX)",
+        help="training precision (auto: bf16 on CUDA, fp32 on CPU; bf16 autocast also runs on CPU)",
     )
     parser.add_argument("--work-dir", default=str(ROOT / "runs" / "quality"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality.json"))
