@@ -252,16 +252,15 @@ def main() -> int:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    projectors = [p.strip() for p in args.peer_projector.split(",") if p.strip()]
+    projectors = list(dict.fromkeys(p.strip() for p in args.peer_projector.split(",") if p.strip()))
     if not projectors or set(projectors) - {"shared", "bn"}:
         parser.error(f"--peer-projector: {args.peer_projector!r} is not a comma list of shared, bn")
     # SSOLE keeps its released projector; the peers train once per projector asked for.
+    peer_batch_norm = [p == "bn" for p in projectors]
     variants = [
         (method, batch_norm)
         for method in methods
-        for batch_norm in (
-            [False] if method == "ssole" else [p == "bn" for p in dict.fromkeys(projectors)]
-        )
+        for batch_norm in ([False] if method == "ssole" else peer_batch_norm)
     ]
 
     work = Path(args.work_dir)
