@@ -12,10 +12,11 @@ What is measured, side by side on the same real photos (scikit-image, JPEG):
 
 Ratios (server / bound, server / naive, p99 / time of one full batch) come from this one run,
 in interleaved rounds (bound, then each level against both servers), medians over rounds.
-Throughput is reported per wall second and per CPU second of the serving process: on a shared
-machine a process with more runnable threads (the naive one runs a forward per request thread)
-takes a larger share of the cores, so images per CPU second is the fair efficiency comparison
-there, and images per wall second the one that matters on a dedicated machine.
+Throughput is reported per wall second and per CPU second of the serving process, and their
+quotient, the serving process's busy cores (CPU seconds per wall second): on an idle machine a
+server that keeps every core busy shows about the machine's core count there. The server runs
+with its own defaults for batching unless ``--batch-size`` / ``--max-wait-ms`` are given. The
+load average before and after, and the CPU model and flags, go into the JSON.
 
     python bench/serve.py                       # random-weight ssole_resnet18 at 224 px, CPU
     python bench/serve.py --device cuda --batch-size 64 --requests 2048
@@ -29,7 +30,6 @@ import base64
 import io
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -42,6 +42,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.machine import load_average, machine_record  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field")
 
@@ -260,15 +262,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model spec (default: random ssole_resnet18)")
     p.add_argument("--input-px", type=int, default=224, help="input size of the default model")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=32, help="server max batch size")
-    p.add_argument("--max-wait-ms", type=float, default=10.0)
-    p.add_argument("--decode-threads", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--batch-size", type=int, default=None, help="server max batch size")
+    p.add_argument("--max-wait-ms", type=float, default=None, help="server max batch wait")
+    p.add_argument("--decode-threads", type=int, default=None)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--requests", type=int, default=128, help="requests per level (at least 8x c)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of the offline bound")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "serve.json"))
     p.add_argument("--naive-server", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    from server.settings import ServerSettings
+
+    defaults = ServerSettings(model="unused")
+    if args.batch_size is None:
+        args.batch_size = defaults.max_batch_size
+    if args.max_wait_ms is None:
+        args.max_wait_ms = defaults.max_batch_wait_ms
+    if args.decode_threads is None:
+        args.decode_threads = defaults.decode_threads
 
     if args.naive_server is not None:  # child process: serve the naive endpoint
         import uvicorn
@@ -282,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
 
+    machine = machine_record()
+    print(f"load average before: {machine['load_average_before']}", flush=True)
     jpegs = photo_jpegs()
     bodies = [
         json.dumps({"input": ["data:image/jpeg;base64," + base64.b64encode(j).decode()]}).encode()
@@ -357,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                 "naive_images_per_cpu_s": naive["images_per_cpu_s"],
                 "server_vs_bound_per_cpu_s": srv["images_per_cpu_s"] / bound_cpu,
                 "server_vs_naive_per_cpu_s": srv["images_per_cpu_s"] / naive["images_per_cpu_s"],
+                "server_busy_cores": srv["images_per_s"] / srv["images_per_cpu_s"],
+                "naive_busy_cores": naive["images_per_s"] / naive["images_per_cpu_s"],
                 "server_p50_ms": srv["p50_ms"],
                 "server_p99_ms": srv["p99_ms"],
                 "naive_p50_ms": naive["p50_ms"],
@@ -374,34 +389,32 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         "| c | server img/s | / bound | naive img/s | server / naive | server img/CPU-s "
-        "| / bound | naive img/CPU-s | server / naive | server p50 ms | server p99 ms "
-        "| p99 / full batch | naive p50 ms | naive p99 ms |"
+        "| naive img/CPU-s | server / naive (CPU) | server busy cores | naive busy cores "
+        "| server p50 ms | server p99 ms | p99 / full batch | naive p99 ms |"
     )
     print("| ---: " * 14 + "|")
     for r in rows:
         print(
             f"| {r['concurrency']} | {r['server_images_per_s']:.1f} | {r['server_vs_bound']:.2f} "
             f"| {r['naive_images_per_s']:.1f} | {r['server_vs_naive']:.2f} "
-            f"| {r['server_images_per_cpu_s']:.2f} | {r['server_vs_bound_per_cpu_s']:.2f} "
-            f"| {r['naive_images_per_cpu_s']:.2f} | {r['server_vs_naive_per_cpu_s']:.2f} "
-            f"| {r['server_p50_ms']:.0f} | {r['server_p99_ms']:.0f} "
-            f"| {r['p99_over_full_batch']:.2f} | {r['naive_p50_ms']:.0f} | {r['naive_p99_ms']:.0f} |"
+            f"| {r['server_images_per_cpu_s']:.2f} | {r['naive_images_per_cpu_s']:.2f} "
+            f"| {r['server_vs_naive_per_cpu_s']:.2f} | {r['server_busy_cores']:.2f} "
+            f"| {r['naive_busy_cores']:.2f} | {r['server_p50_ms']:.0f} "
+            f"| {r['server_p99_ms']:.0f} | {r['p99_over_full_batch']:.2f} "
+            f"| {r['naive_p99_ms']:.0f} |"
         )
+    machine["load_average_after"] = load_average()
+    print(
+        f"load average before {machine['load_average_before']}, "
+        f"after {machine['load_average_after']}"
+    )
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    import torch
-
     record = {
         "benchmark": "serve",
         "command": "python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "platform": f"{platform.system()} {platform.machine()}",
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        },
+        "machine": machine,
         "settings": {k: v for k, v in vars(args).items() if k != "naive_server"},
         "bound_images_per_s": bound,
         "bound_images_per_cpu_s": bound_cpu,

@@ -1,32 +1,36 @@
-"""The model side of the server: :class:`~ssole_hub.FeatureExtractor` behind two calls.
+"""The model side of the server: one :class:`~ssole_hub.FeatureExtractor` behind two calls.
 
 ``prepare`` (decode + preprocess one image, thread-safe, CPU) runs in the decode pool before an
-image is queued; ``infer`` (one forward pass on a batch) runs in the batcher's worker thread.
-Decoding, preprocessing and model loading all come from ``ssole_hub``; nothing is re-implemented
-here. One model is loaded once and shared by the (output, normalize) variants it serves.
+image is queued; ``infer`` (one forward pass on a batch) runs in the batcher's inference thread.
+Decoding, preprocessing, model loading and normalisation all come from ``ssole_hub``; nothing is
+re-implemented here. The batch key is the output alone: requests that differ only in
+``normalize`` share a forward pass, and each row is normalised (or not) afterwards.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
 import torch
 
 from server.settings import ServerSettings
-from ssole_hub import FeatureExtractor, HubFolderError, load_model
+from ssole_hub import FeatureExtractor, Output, l2_normalize
 
 __all__ = [
     "BackendLoader",
     "EmbeddingBackend",
     "ExtractorBackend",
-    "init_decode_thread",
+    "Prepared",
     "load_backend",
 ]
 
 log = logging.getLogger("server")
+
+Prepared = tuple[torch.Tensor, bool]
+"""One queued item: a preprocessed image ``(3, H, W)`` and whether its embedding is normalised."""
 
 
 class EmbeddingBackend(Protocol):
@@ -39,8 +43,8 @@ class EmbeddingBackend(Protocol):
         """Decode and preprocess one encoded image; raises ``ssole_hub.images`` errors."""
         ...
 
-    def infer(self, items: list[torch.Tensor], key: Hashable) -> list[np.ndarray]:
-        """Embed preprocessed images; ``key`` is ``(output, normalize)``."""
+    def infer(self, items: list[Prepared], key: Output) -> list[np.ndarray]:
+        """Embed preprocessed images with the output ``key``; one float32 vector per item."""
         ...
 
     def warmup(self, batch_size: int) -> None:
@@ -53,77 +57,47 @@ BackendLoader = Callable[[ServerSettings], EmbeddingBackend]
 
 
 class ExtractorBackend:
-    """Serves one loaded model through :class:`FeatureExtractor` s that share its weights.
+    """Serves one loaded model through one :class:`FeatureExtractor`.
 
     Args:
-        extractors: ``{(output, normalize): FeatureExtractor}``, all built on the same model;
-            must include ``("backbone", True)``.
-
-    Raises:
-        ValueError: if the backbone variant is missing.
+        extractor: the extractor; every output it has is served.
     """
 
-    def __init__(self, extractors: dict[tuple[str, bool], FeatureExtractor]) -> None:
-        if ("backbone", True) not in extractors:
-            raise ValueError("an ExtractorBackend needs the ('backbone', True) extractor")
-        self._extractors = extractors
-        self._base = extractors[("backbone", True)]
-        self.dimensions = {output: fx.dim for (output, _), fx in extractors.items()}
+    def __init__(self, extractor: FeatureExtractor) -> None:
+        self.extractor = extractor
+        self.dimensions: dict[str, int] = dict(extractor.dims)
 
     def prepare(self, data: bytes) -> torch.Tensor:
         """Decode ``data`` with the extractor's limits and apply the model's eval transform."""
-        return self._base.transform(self._base.load_image(data))
+        return self.extractor.preprocess_one(data)
 
-    def infer(self, items: list[torch.Tensor], key: Hashable) -> list[np.ndarray]:
+    def infer(self, items: list[Prepared], key: Output) -> list[np.ndarray]:
         """One forward pass over ``items``; returns one float32 vector per item, in order."""
-        out = self._extractors[key].embed_tensor(torch.stack(items))
-        return list(out.numpy())
+        batch = torch.stack([image for image, _ in items])
+        raw = self.extractor.embed_tensor(batch, key, normalize=False)
+        wanted = torch.tensor([normalize for _, normalize in items]).unsqueeze(1)
+        return list(torch.where(wanted, l2_normalize(raw), raw).numpy())
 
     def warmup(self, batch_size: int) -> None:
-        """Forward passes at batch size 1 and ``batch_size`` through each network served."""
-        # Variants differing only in normalisation share a network: warm each network once.
-        for (_, normalize), fx in self._extractors.items():
-            if normalize:
-                for n in sorted({1, batch_size}):
-                    fx.warmup(n)
-
-
-def init_decode_thread() -> None:
-    """Make torch single-threaded in the calling (decode) thread.
-
-    The decode pool is the parallelism of preprocessing; letting each of its threads also fork
-    intra-op threads for small tensor ops oversubscribes the cores that the forward pass needs
-    (torch's thread count is per thread, so the inference thread keeps its own).
-    """
-    torch.set_num_threads(1)
+        """Forward passes at batch size 1 and ``batch_size`` for each output served."""
+        for n in sorted({1, batch_size}):
+            self.extractor.warmup(n)
 
 
 def load_backend(settings: ServerSettings) -> ExtractorBackend:
     """Load ``settings.model`` once, with its projector when it has one.
 
     Raises:
-        ValueError, FileNotFoundError, ssole_hub.hub.HubFolderError: from the model loader.
+        ValueError, FileNotFoundError, ssole_hub.HubFolderError: from the model loader.
     """
-    device = None if settings.device == "auto" else settings.device
-    try:
-        model = load_model(settings.model, with_projector=True)
-    except (HubFolderError, FileNotFoundError) as exc:
-        log.warning("serving %s without a projector (%s)", settings.model, exc)
-        model = load_model(settings.model)
-    outputs = ["backbone", "projector"] if hasattr(model, "projector") else ["backbone"]
-    # Four light wrappers around one set of weights: normalisation stays inside FeatureExtractor.
-    extractors = {
-        (output, normalize): FeatureExtractor(
-            model,
-            model_id=settings.model_id,
-            device=device,
-            dtype=settings.dtype,
-            output=output,
-            normalize=normalize,
-            max_bytes=settings.max_image_bytes,
-            max_pixels=settings.max_image_pixels,
-        )
-        for output in outputs
-        for normalize in (True, False)
-    }
-    return ExtractorBackend(extractors)
+    extractor = FeatureExtractor.from_pretrained(
+        settings.model,
+        with_projector=None,
+        model_id=settings.model_id,
+        device=None if settings.device == "auto" else settings.device,
+        dtype=settings.dtype,
+        max_bytes=settings.max_image_bytes,
+        max_pixels=settings.max_image_pixels,
+    )
+    log.info("loaded %s: outputs %s", settings.model, extractor.dims)
+    return ExtractorBackend(extractor)

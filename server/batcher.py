@@ -1,12 +1,13 @@
-"""Dynamic batching: a bounded queue of decoded items feeding one inference worker.
+"""Dynamic batching: a bounded queue of decoded items feeding one inference thread.
 
 Requests put already-decoded items on the queue (so a bad image never reaches a batch). One
-worker task takes up to ``max_batch_size`` items that share a key (e.g. the requested output),
-waiting at most ``max_wait_s`` after the oldest item arrived, runs ``infer`` on them in a
-dedicated thread (one per device: forward passes never overlap), and hands each request its
-results in order. A full queue raises :class:`QueueFullError` at once instead of letting latency
-grow without bound, and the items of a request whose caller was cancelled (a client that went
-away) are dropped before they are computed.
+inference thread forms the batches itself and runs them back to back: it takes up to
+``max_batch_size`` items that share a key (the requested output), waiting at most ``max_wait_s``
+after the oldest item arrived, runs ``infer`` on them, and hands the results to the event loop.
+The thread never waits on the event loop, so a busy loop (parsing bodies, writing responses)
+does not leave the model idle while items are queued. A full queue raises
+:class:`QueueFullError` at once instead of letting latency grow without bound, and the items of a
+request whose caller was cancelled (a client that went away) are dropped before they are computed.
 
 This module knows nothing about HTTP or images: ``infer`` is any callable
 ``(items: list, key) -> sequence of one result per item``.
@@ -15,12 +16,11 @@ This module knows nothing about HTTP or images: ``infer`` is any callable
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,19 +63,33 @@ class _Entry:
     key: Hashable
     future: asyncio.Future
     enqueued_at: float
+    dropped: bool = False  # set on the loop when its caller went away; read by the thread
+
+
+@dataclass
+class _Batch:
+    entries: list[_Entry]
+    batch_id: int
+    started: float
+    duration: float = 0.0
+    results: Sequence[Any] = ()
+    error: Exception | None = None
 
 
 class DynamicBatcher:
     """Queue items from many requests and run them through ``infer`` in batches.
 
     Args:
-        infer: called in the worker thread with up to ``max_batch_size`` payloads that share a
-            key; returns one result per payload, in order.
+        infer: called in the inference thread with up to ``max_batch_size`` payloads that share
+            a key; returns one result per payload, in order.
         max_batch_size: most items per ``infer`` call.
-        max_wait_s: longest time the oldest queued item waits for more items to arrive.
+        max_wait_s: longest time the oldest queued item waits for more items to arrive; 0 runs
+            whatever is queued as soon as the model is free.
         max_queue: most items waiting (not yet in a forward pass); more raises
             :class:`QueueFullError`.
         metrics: optional metrics to record queue depth, queue time, batch size and duration.
+        thread_init: called once in the inference thread before its first batch (e.g. to set
+            torch's intra-op thread count there).
 
     Raises:
         ValueError: if a size or the wait is out of range.
@@ -89,6 +103,7 @@ class DynamicBatcher:
         max_wait_s: float,
         max_queue: int,
         metrics: ServerMetrics | None = None,
+        thread_init: Callable[[], None] | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError(
@@ -101,10 +116,12 @@ class DynamicBatcher:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self._metrics = metrics
+        self._thread_init = thread_init
         self._pending: deque[_Entry] = deque()
-        self._arrived: asyncio.Event | None = None
-        self._worker: asyncio.Task | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Seconds per item of recent forward passes, to tell rejected clients when to come back.
         self._seconds_per_item = 0.0
 
@@ -115,32 +132,31 @@ class DynamicBatcher:
 
     @property
     def running(self) -> bool:
-        """Whether the worker is accepting and processing items."""
-        return self._worker is not None and not self._worker.done()
+        """Whether the inference thread is accepting and processing items."""
+        return self._thread is not None and self._thread.is_alive() and not self._closing
 
     async def start(self) -> None:
-        """Start the worker task on the running event loop (idempotent)."""
+        """Start the inference thread, delivering results to the running event loop."""
         if self.running:
             return
-        self._arrived = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-        self._worker = asyncio.create_task(self._run(), name="dynamic-batcher")
+        self._loop = asyncio.get_running_loop()
+        self._closing = False
+        self._thread = threading.Thread(target=self._work, name="inference", daemon=True)
+        self._thread.start()
 
     async def stop(self) -> None:
-        """Stop the worker; items still queued fail with :class:`BatcherClosedError`."""
-        if self._worker is not None:
-            self._worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
-        while self._pending:
-            entry = self._pending.popleft()
+        """Stop the inference thread; items still queued fail with :class:`BatcherClosedError`."""
+        with self._cond:
+            self._closing = True
+            left, self._pending = list(self._pending), deque()
+            self._cond.notify_all()
+        for entry in left:
             if not entry.future.done():
                 entry.future.set_exception(BatcherClosedError("server is shutting down"))
         self._set_depth()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
 
     def check_capacity(self, n_items: int) -> None:
         """Raise :class:`QueueFullError` if ``n_items`` more items would not fit right now.
@@ -166,14 +182,14 @@ class DynamicBatcher:
             raise BatcherClosedError("the inference worker is not running")
         if not payloads:
             return [], BatchTiming()
-        self.check_capacity(len(payloads))
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         entries = [_Entry(p, key, loop.create_future(), now) for p in payloads]
-        self._pending.extend(entries)
+        with self._cond:
+            self.check_capacity(len(payloads))
+            self._pending.extend(entries)
+            self._cond.notify()
         self._set_depth()
-        assert self._arrived is not None
-        self._arrived.set()
         try:
             outcomes = await asyncio.gather(*(e.future for e in entries))
         except BaseException:
@@ -181,24 +197,22 @@ class DynamicBatcher:
             raise
         timing = BatchTiming()
         seen_batches: set[int] = set()
-        results = []
-        for result, started_at, duration, batch_id, batch_size in outcomes:
+        for started_at, duration, batch_id, batch_size in (o[1:] for o in outcomes):
             timing.queue_s = max(timing.queue_s, started_at - now)
             if batch_id not in seen_batches:
                 seen_batches.add(batch_id)
                 timing.inference_s += duration
                 timing.batch_sizes.append(batch_size)
-            results.append(result)
-        return results, timing
+        return [o[0] for o in outcomes], timing
 
     def _drop(self, entries: list[_Entry]) -> None:
-        for e in entries:
-            if not e.future.done():
-                e.future.cancel()
-        dropped = set(map(id, entries))
-        if any(id(e) in dropped for e in self._pending):
-            self._pending = deque(e for e in self._pending if id(e) not in dropped)
-            self._set_depth()
+        with self._cond:
+            for e in entries:
+                e.dropped = True
+                if not e.future.done():
+                    e.future.cancel()
+            self._pending = deque(e for e in self._pending if not e.dropped)
+        self._set_depth()
 
     def _set_depth(self) -> None:
         if self._metrics is not None:
@@ -208,94 +222,91 @@ class DynamicBatcher:
         backlog = self.depth + n_items - self.max_queue
         return max(1, math.ceil(backlog * self._seconds_per_item))
 
+    # --- the inference thread ---------------------------------------------------------------
+
+    def _work(self) -> None:
+        if self._thread_init is not None:
+            self._thread_init()
+        batch_id = 0
+        while True:
+            entries = self._next_batch()
+            if entries is None:
+                return
+            batch_id += 1
+            batch = _Batch(entries, batch_id, time.perf_counter())
+            try:
+                batch.results = self._infer([e.payload for e in entries], entries[0].key)
+                if len(batch.results) != len(entries):
+                    raise RuntimeError(
+                        f"infer returned {len(batch.results)} results for {len(entries)} items"
+                    )
+            except Exception as exc:
+                batch.error = exc
+            batch.duration = time.perf_counter() - batch.started
+            self._record(batch)
+            assert self._loop is not None
+            try:
+                self._loop.call_soon_threadsafe(self._deliver, batch)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                return
+
+    def _next_batch(self) -> list[_Entry] | None:
+        """Block until a batch is due: full, or its oldest item waited ``max_wait_s``."""
+        with self._cond:
+            while not self._closing:
+                while self._pending and self._pending[0].dropped:
+                    self._pending.popleft()
+                if not self._pending:
+                    self._cond.wait()
+                    continue
+                oldest = self._pending[0]
+                remaining = oldest.enqueued_at + self.max_wait_s - time.perf_counter()
+                if remaining <= 0 or self._matching(oldest.key) >= self.max_batch_size:
+                    return self._take_batch()
+                self._cond.wait(remaining)
+            return None
+
     def _matching(self, key: Hashable) -> int:
-        return sum(1 for e in self._pending if e.key == key)
+        return sum(1 for e in self._pending if e.key == key and not e.dropped)
 
     def _take_batch(self) -> list[_Entry]:
         """Remove and return up to ``max_batch_size`` live entries sharing the oldest one's key."""
-        while self._pending and self._pending[0].future.done():
-            self._pending.popleft()
-        if not self._pending:
-            return []
         key = self._pending[0].key
         batch: list[_Entry] = []
         keep: deque[_Entry] = deque()
-        while self._pending:
+        while self._pending and len(batch) < self.max_batch_size:
             e = self._pending.popleft()
-            if e.future.done():
+            if e.dropped:
                 continue
-            if e.key == key and len(batch) < self.max_batch_size:
-                batch.append(e)
-            else:
-                keep.append(e)
-                if len(batch) == self.max_batch_size:
-                    break
+            (batch if e.key == key else keep).append(e)
         keep.extend(self._pending)
         self._pending = keep
         self._set_depth()
         return batch
 
-    async def _wait_for_batch(self) -> None:
-        """Return when a full batch is queued or the oldest item has waited ``max_wait_s``."""
-        assert self._arrived is not None
-        while True:
-            while self._pending and self._pending[0].future.done():
-                self._pending.popleft()
-            if not self._pending:
-                self._arrived.clear()
-                await self._arrived.wait()
+    def _deliver(self, batch: _Batch) -> None:
+        """On the event loop: resolve the futures of a finished batch."""
+        for i, e in enumerate(batch.entries):
+            if e.future.done():
                 continue
-            oldest = self._pending[0]
-            remaining = oldest.enqueued_at + self.max_wait_s - time.perf_counter()
-            if remaining <= 0 or self._matching(oldest.key) >= self.max_batch_size:
-                return
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), timeout=remaining)
-            except asyncio.TimeoutError:
-                return
+            if batch.error is not None:
+                e.future.set_exception(batch.error)
+            else:
+                outcome = (batch.results[i], batch.started, batch.duration, batch.batch_id)
+                e.future.set_result((*outcome, len(batch.entries)))
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        batch_id = 0
-        while True:
-            await self._wait_for_batch()
-            batch = self._take_batch()
-            if not batch:
-                continue
-            batch_id += 1
-            started = time.perf_counter()
-            try:
-                results = await loop.run_in_executor(
-                    self._executor, self._infer, [e.payload for e in batch], batch[0].key
-                )
-                if len(results) != len(batch):
-                    raise RuntimeError(
-                        f"infer returned {len(results)} results for {len(batch)} items"
-                    )
-            except Exception as exc:
-                for e in batch:
-                    if not e.future.done():
-                        e.future.set_exception(exc)
-                continue
-            duration = time.perf_counter() - started
-            self._record(batch, started, duration)
-            for e, result in zip(batch, results, strict=True):
-                if not e.future.done():
-                    e.future.set_result((result, started, duration, batch_id, len(batch)))
-
-    def _record(self, batch: list[_Entry], started: float, duration: float) -> None:
-        per_item = duration / len(batch)
+    def _record(self, batch: _Batch) -> None:
+        per_item = batch.duration / len(batch.entries)
         # An exponential average follows load changes within a few batches.
         self._seconds_per_item = (
             per_item
             if self._seconds_per_item == 0
             else 0.8 * self._seconds_per_item + 0.2 * per_item
         )
-        if self._metrics is None:
+        if self._metrics is None or batch.error is not None:
             return
-        self._metrics.batch_size.observe(len(batch))
-        self._metrics.inference_time.observe(duration)
-        self._metrics.images.inc(len(batch))
-        for e in batch:
-            self._metrics.queue_time.observe(started - e.enqueued_at)
+        self._metrics.batch_size.observe(len(batch.entries))
+        self._metrics.inference_time.observe(batch.duration)
+        self._metrics.images.inc(len(batch.entries))
+        for e in batch.entries:
+            self._metrics.queue_time.observe(batch.started - e.enqueued_at)

@@ -22,11 +22,18 @@ status      type                     codes
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from typing import Any
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-__all__ = ["APIError", "error_body", "error_response"]
+__all__ = ["APIError", "error_body", "error_response", "install_error_handlers"]
+
+log = logging.getLogger("server")
 
 
 class APIError(Exception):
@@ -102,3 +109,61 @@ def error_response(exc: APIError) -> JSONResponse:
         status_code=exc.status_code,
         headers=exc.headers,
     )
+
+
+def _validation_message(errors: Sequence[dict[str, Any]]) -> str:
+    parts = []
+    for err in errors[:5]:
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "; ".join(parts) + more
+
+
+async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:
+    return error_response(exc)
+
+
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = list(exc.errors())
+    if any(e.get("type") == "json_invalid" for e in errors):
+        detail = next(e for e in errors if e.get("type") == "json_invalid")
+        where = detail.get("ctx", {}).get("error", "")
+        return error_response(
+            APIError.bad_request("invalid_json", f"request body is not valid JSON: {where}")
+        )
+    if any(e.get("type") == "missing" and tuple(e.get("loc", ())) == ("body",) for e in errors):
+        return error_response(
+            APIError.bad_request("empty_body", "request body is empty; send a JSON object")
+        )
+    return error_response(APIError(422, "validation_error", _validation_message(errors)))
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "request_too_large",
+}
+
+
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if exc.status_code == 400:
+        message = f"malformed request body: {message}"
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    return error_response(APIError(exc.status_code, code, message, headers=dict(exc.headers or {})))
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(APIError(500, "internal_error", "internal server error"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every failure with the contract's JSON: API errors, schema errors (422, or 400
+    for bad JSON and empty bodies), Starlette's HTTP errors, and a logged 500 for bugs."""
+    app.add_exception_handler(APIError, _on_api_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected)

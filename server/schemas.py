@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ssole_hub.models import Output
+
 __all__ = [
     "Embedding",
     "EmbeddingRequest",
@@ -19,7 +21,6 @@ __all__ = [
 ]
 
 EncodingFormat = Literal["float", "base64"]
-Output = Literal["backbone", "projector"]
 
 
 class EmbeddingRequest(BaseModel):

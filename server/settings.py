@@ -14,9 +14,10 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ServerSettings", "build_arg_parser", "settings_from_args"]
+from ssole_hub.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from ssole_hub.models import Output
 
-Output = Literal["backbone", "projector"]
+__all__ = ["ServerSettings", "build_arg_parser", "settings_from_args"]
 
 
 class ServerSettings(BaseSettings):
@@ -52,10 +53,10 @@ class ServerSettings(BaseSettings):
         default=256, ge=1, description="images waiting for inference before new work gets 503"
     )
     max_image_bytes: int = Field(
-        default=16 * 2**20, ge=1, description="largest encoded image, in bytes"
+        default=DEFAULT_MAX_BYTES, ge=1, description="largest encoded image, in bytes"
     )
     max_image_pixels: int = Field(
-        default=40_000_000, ge=1, description="largest decoded image, width x height"
+        default=DEFAULT_MAX_PIXELS, ge=1, description="largest decoded image, width x height"
     )
     max_items: int = Field(default=64, ge=1, description="images per request")
     max_request_bytes: int = Field(
@@ -68,6 +69,11 @@ class ServerSettings(BaseSettings):
         default=min(4, os.cpu_count() or 1),
         ge=1,
         description="threads that decode and preprocess images",
+    )
+    inference_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="intra-op threads of the forward pass (default: torch's, one per core)",
     )
     keep_alive_s: float = Field(
         default=65.0,

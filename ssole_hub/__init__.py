@@ -7,7 +7,6 @@ from ssole_hub.extractor import FeatureExtractor
 from ssole_hub.hub import (
     HubFolder,
     HubFolderError,
-    SSOLEFeatureModel,
     export_hub_folder,
     load_model,
     push_to_hub,
@@ -21,7 +20,15 @@ from ssole_hub.images import (
     decode_image,
 )
 from ssole_hub.loss import SSOLELoss, SSOLELossParts, nuclear_norm, ssole_loss
-from ssole_hub.models import SSOLEEncoder, SSOLEProjector, ssole_resnet18, ssole_resnet50
+from ssole_hub.models import (
+    Output,
+    SSOLEModel,
+    SSOLEProjector,
+    l2_normalize,
+    ssole_resnet18,
+    ssole_resnet50,
+)
+from ssole_hub.preprocessing import Preprocessing, resolve_preprocessing
 
 __version__ = "0.1.0"
 
@@ -32,18 +39,21 @@ __all__ = [
     "HubFolderError",
     "ImageDecodeError",
     "ImageTooLargeError",
-    "SSOLEEncoder",
-    "SSOLEFeatureModel",
+    "Output",
+    "Preprocessing",
     "SSOLELoss",
     "SSOLELossParts",
+    "SSOLEModel",
     "SSOLEProjector",
     "UnsupportedImageError",
     "__version__",
     "decode_image",
     "export_hub_folder",
+    "l2_normalize",
     "load_model",
     "nuclear_norm",
     "push_to_hub",
+    "resolve_preprocessing",
     "ssole_loss",
     "ssole_resnet18",
     "ssole_resnet50",

@@ -5,7 +5,7 @@ A checkpoint is a ``torch.save``d dict that loads with ``torch.load(..., weights
 
 - ``format``: :data:`CHECKPOINT_FORMAT`;
 - ``arch``: the timm name of the backbone, e.g. ``"ssole_resnet18"``;
-- ``model``: the :class:`~ssole_hub.models.SSOLEEncoder` state dict (``backbone.*`` keys with
+- ``model``: the :class:`~ssole_hub.models.SSOLEModel` state dict (``backbone.*`` keys with
   timm names, ``projector.*`` keys), unwrapped from DDP and ``torch.compile``;
 - ``projector_config``: the :class:`~ssole_hub.models.SSOLEProjector` keyword arguments;
 - ``pretrained_cfg``: preprocessing the model was trained for (``input_size``, ``mean``, ``std``,

@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ssole_hub.extractor import FeatureExtractor, Output
+from ssole_hub.extractor import FeatureExtractor
 from ssole_hub.images import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -42,6 +42,7 @@ from ssole_hub.images import (
     decode_image,
     is_image_path,
 )
+from ssole_hub.models import Output
 
 __all__ = ["MANIFEST_FILE", "MANIFEST_FORMAT", "extract_dataset", "list_images", "read_embeddings"]
 
@@ -128,6 +129,14 @@ class _ImageFiles(Dataset):
             )
 
 
+class _Options(NamedTuple):
+    """What a run writes, besides the model: part of its fingerprint."""
+
+    output: Output
+    normalize: bool
+    file_format: FileFormat
+
+
 def _collate(items):
     good = [(i, x) for i, x, err in items if err is None]
     index = torch.tensor([i for i, _ in good], dtype=torch.long)
@@ -172,15 +181,15 @@ def _read_marker(out: Path, k: int, file_format: FileFormat) -> dict[str, Any] |
         return None  # a marker is written atomically; an unreadable one means "not finished"
 
 
-def _fingerprint(fx: FeatureExtractor, paths: list[str], shard_size: int, fmt: str) -> str:
+def _fingerprint(fx: FeatureExtractor, options: _Options, paths: list[str], shard_size: int) -> str:
     run = {
         "model_id": fx.model_id,
-        "output": fx.output,
-        "normalize": fx.normalize,
+        "output": options.output,
+        "normalize": options.normalize,
         "data_config": fx.data_config,
         "draft_size": fx.decode_options.get("draft_size"),
         "shard_size": shard_size,
-        "file_format": fmt,
+        "file_format": options.file_format,
         "paths": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
     }
     return hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -231,16 +240,17 @@ def extract_dataset(
     Args:
         model: a model name / ``hf-hub:`` / ``local-dir:`` / folder / checkpoint (anything
             :func:`ssole_hub.hub.load_model` takes), a built ``nn.Module``, or a
-            :class:`~ssole_hub.FeatureExtractor` (then ``output``, ``normalize``, ``device``,
-            ``dtype``, ``compile`` and the limits are its own).
+            :class:`~ssole_hub.FeatureExtractor` (then ``device``, ``dtype``, ``compile`` and
+            the limits are its own).
         inputs: a folder, a text file of paths, or a list of paths (see :func:`list_images`).
         out_dir: output folder, created if needed; reused to resume an interrupted run.
         batch_size: images per forward pass.
         num_workers: decoding processes per rank; default: the CPU cores of this rank, at most 8.
         shard_size: images per output shard (the unit of resumption).
         file_format: ``"npy"`` or ``"safetensors"``.
-        output, normalize, device, dtype, compile: as :meth:`FeatureExtractor.from_pretrained`;
-            under ``torchrun`` the default device is ``cuda:LOCAL_RANK`` when CUDA is available.
+        output, normalize: as :meth:`FeatureExtractor.embed`.
+        device, dtype, compile: as :meth:`FeatureExtractor.from_pretrained`; under ``torchrun``
+            the default device is ``cuda:LOCAL_RANK`` when CUDA is available.
         max_bytes, max_pixels: decoder limits; larger files are skipped and listed as errors.
         fast_decode: decode large JPEGs at a reduced scale (see
             :meth:`FeatureExtractor.from_pretrained`); recorded in the manifest.
@@ -270,16 +280,18 @@ def extract_dataset(
                 model,
                 device=device,
                 dtype=dtype,
-                output=output,
-                normalize=normalize,
+                with_projector=output == "projector",
                 compile=compile,
                 max_bytes=max_bytes,
                 max_pixels=max_pixels,
                 fast_decode=fast_decode,
             )
+        options = _Options(output, normalize, file_format)
+        if output not in fx.dims:
+            raise ValueError(f"output {output!r} is not available; the model has {list(fx.dims)}")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        fingerprint = _fingerprint(fx, paths, shard_size, file_format)
+        fingerprint = _fingerprint(fx, options, paths, shard_size)
         num_shards = (len(paths) + shard_size - 1) // shard_size
         mine = list(range(rank, num_shards, world))
         pending = []
@@ -295,6 +307,7 @@ def extract_dataset(
         workers = _default_workers() if num_workers is None else num_workers
         _run_shards(
             fx,
+            options,
             paths,
             root,
             out,
@@ -302,7 +315,6 @@ def extract_dataset(
             shard_size,
             batch_size,
             workers,
-            file_format,
             fingerprint,
             progress and rank == 0,
         )
@@ -311,7 +323,7 @@ def extract_dataset(
         if rank != 0:
             return {"rank": rank, "shards": mine, "extracted": pending}
         manifest = _write_manifest(
-            fx, inputs, paths, out, num_shards, shard_size, file_format, fingerprint, world
+            fx, options, inputs, paths, out, num_shards, shard_size, fingerprint, world
         )
     finally:
         if created_group:
@@ -327,6 +339,7 @@ def _default_workers() -> int:
 
 def _run_shards(
     fx: FeatureExtractor,
+    options: _Options,
     paths: list[str],
     root: Path,
     out: Path,
@@ -334,7 +347,6 @@ def _run_shards(
     shard_size: int,
     batch_size: int,
     num_workers: int,
-    file_format: FileFormat,
     fingerprint: str,
     progress: bool,
 ) -> None:
@@ -363,10 +375,11 @@ def _run_shards(
             acc["index"].append(index)
             acc["errors"] += errors
             if len(index):
-                acc["emb"].append(fx.embed_tensor(batch))
+                acc["emb"].append(fx.embed_tensor(batch, options.output, options.normalize))
             bar.update(len(seen))
             if len(acc["seen"]) == sizes[k]:
-                _write_shard(out, k, paths, acc, fx.dim, file_format, fingerprint)
+                dim = fx.dims[options.output]
+                _write_shard(out, k, paths, acc, dim, options.file_format, fingerprint)
                 acc = {"seen": [], "index": [], "emb": [], "errors": []}
 
 
@@ -398,12 +411,12 @@ def _write_shard(
 
 def _write_manifest(
     fx: FeatureExtractor,
+    options: _Options,
     inputs: Any,
     paths: list[str],
     out: Path,
     num_shards: int,
     shard_size: int,
-    file_format: FileFormat,
     fingerprint: str,
     world: int,
 ) -> dict[str, Any]:
@@ -412,7 +425,7 @@ def _write_manifest(
     shards = []
     errors = []
     for k in range(num_shards):
-        marker = _read_marker(out, k, file_format)
+        marker = _read_marker(out, k, options.file_format)
         if marker is None:
             raise RuntimeError(f"shard {k} of {out} is not finished; was a rank stopped early?")
         shards.append(
@@ -423,14 +436,14 @@ def _write_manifest(
     manifest = {
         "format": MANIFEST_FORMAT,
         "model_id": fx.model_id,
-        "output": fx.output,
-        "normalize": fx.normalize,
-        "dim": fx.dim,
+        "output": options.output,
+        "normalize": options.normalize,
+        "dim": fx.dims[options.output],
         "dtype": "float32",
         "compute_dtype": str(fx.dtype).removeprefix("torch."),
         "preprocessing": {**fx.data_config, "draft_size": fx.decode_options.get("draft_size")},
         "input": os.fspath(inputs) if isinstance(inputs, str | os.PathLike) else None,
-        "file_format": file_format,
+        "file_format": options.file_format,
         "num_inputs": len(paths),
         "num_embedded": sum(s["count"] for s in shards),
         "num_errors": sum(s["num_errors"] for s in shards),

@@ -1,24 +1,23 @@
 """FeatureExtractor: images in, one embedding per image out, from any SSOLE (or timm) model.
 
-Preprocessing is never written here: it is timm's eval transform built from the model's own
-pretrained config (``timm.data.resolve_model_data_config`` + ``create_transform``), so the
-extractor, ``ssole-hub extract``, the server and evaluation all feed a model exactly what it was
-trained for.
+Preprocessing is never written here: it comes from the one resolver,
+:func:`ssole_hub.preprocessing.resolve_preprocessing` (timm's eval transform from the model's own
+pretrained config), so the extractor, ``ssole-hub extract``, the server and evaluation all feed a
+model exactly what it was trained for. The forward pass is :class:`ssole_hub.models.SSOLEModel`'s.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from timm.data import create_transform, resolve_model_data_config
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -29,16 +28,16 @@ from ssole_hub.images import (
     decode_image,
     to_rgb,
 )
+from ssole_hub.models import Output, SSOLEModel, l2_normalize
+from ssole_hub.preprocessing import resolve_preprocessing
 
-__all__ = ["FeatureExtractor", "ImageInput", "Output", "resolve_dtype", "resolve_transform"]
+__all__ = ["FeatureExtractor", "ImageInput", "resolve_dtype"]
 
 ImageInput = (
     bytes | bytearray | memoryview | str | os.PathLike | Image.Image | torch.Tensor | np.ndarray
 )
 """One image: encoded bytes, a file path, a PIL image, a ``(C, H, W)`` tensor (``uint8``
 0..255 or float 0..1, C = 1 or 3) or an ``(H, W[, C])`` ``uint8`` array."""
-
-Output = Literal["backbone", "projector"]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -71,37 +70,13 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     return dtype
 
 
-def resolve_transform(
-    model: nn.Module,
-) -> tuple[dict[str, Any], Callable[[Image.Image], torch.Tensor]]:
-    """The data config and eval transform of ``model``, from its pretrained config through timm.
-
-    This is the single preprocessing resolver of the project. Returns ``(data_config,
-    transform)``; ``transform`` maps an RGB PIL image to a normalised ``(3, H, W)`` float tensor.
-    """
-    backbone = getattr(model, "backbone", model)
-    config = resolve_model_data_config(backbone)
-    return config, create_transform(**config, is_training=False)
-
-
-class _BackboneProjector(nn.Module):
-    """Backbone then projector, applied to a batch of single images (no views axis)."""
-
-    def __init__(self, backbone: nn.Module, projector: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.projector = projector
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.backbone(x))
-
-
-def _output_dim(net: nn.Module, output: Output) -> int | None:
-    if output == "backbone":
-        dim = getattr(net, "num_features", None)
-        return int(dim) if dim else None
-    linears = [m for m in net.projector.modules() if isinstance(m, nn.Linear)]
-    return linears[-1].out_features if linears else None
+def _inference_model(model: nn.Module) -> SSOLEModel:
+    """A private eval-mode copy of ``model`` as an :class:`SSOLEModel`; ``model`` is untouched."""
+    if not isinstance(model, SSOLEModel):
+        projector = getattr(model, "projector", None)
+        backbone = getattr(model, "backbone", None)
+        model = SSOLEModel(backbone, projector) if backbone is not None else SSOLEModel(model)
+    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 def _model_id(module: nn.Module) -> str:
@@ -140,26 +115,28 @@ def _as_list(images: ImageInput | Iterable[ImageInput]) -> list[ImageInput]:
 
 
 class FeatureExtractor:
-    """Embeds images with a backbone (or backbone + projector), preprocessing included.
+    """Embeds images with an SSOLE (or any timm) model, preprocessing included.
 
-    Build one with :meth:`from_pretrained`; call :meth:`embed` (or the object itself). For
-    serving, the two halves are public: :meth:`preprocess` (thread-safe, CPU: images to a batch
-    tensor) and :meth:`embed_tensor` (the forward pass on such a batch).
+    Build one with :meth:`from_pretrained`, then call :meth:`embed` (or the object itself). Which
+    embedding (``output``: pooled ``"backbone"`` features or ``"projector"`` outputs) and whether
+    to L2-``normalize`` it are chosen per call, so one extractor serves every combination with
+    one copy of the weights. For serving, the two halves are public: :meth:`preprocess_one` /
+    :meth:`preprocess` (thread-safe, CPU: images to tensors) and :meth:`embed_tensor` (the
+    forward pass on a batch).
 
     Example::
 
-        fx = FeatureExtractor.from_pretrained("ssole_resnet18.in100_m4")
+        fx = FeatureExtractor.from_pretrained("ssole_resnet18.in100_m4", with_projector=True)
         emb = fx.embed(["cat.jpg", "dog.png"])  # (2, 512) float32, rows unit-norm
+        raw = fx.embed(["cat.jpg"], output="projector", normalize=False)
 
     Attributes:
         model_id: name of the model (what it was loaded from, or its pretrained config's hub id).
-        output: ``"backbone"`` (pooled features) or ``"projector"`` (projector outputs).
-        dim: embedding dimension ``d``.
+        dims: embedding width per available output (``backbone``, and ``projector`` if loaded).
         data_config: timm's data config (input size, interpolation, crop, mean, std).
         transform: timm's eval transform, RGB PIL image -> ``(3, H, W)`` float tensor.
         device: where the forward pass runs.
         dtype: compute dtype (autocast below float32); outputs are always float32.
-        normalize: whether embeddings are L2-normalised.
         decode_options: keyword arguments this extractor passes to
             :func:`ssole_hub.images.decode_image` (limits, ``draft_size``).
     """
@@ -171,8 +148,6 @@ class FeatureExtractor:
         model_id: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
-        output: Output = "backbone",
-        normalize: bool = True,
         compile: bool = False,
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -180,32 +155,16 @@ class FeatureExtractor:
     ) -> None:
         """Wrap a built model; see :meth:`from_pretrained` for the arguments.
 
-        The model is not copied: it is put in eval mode and moved to ``device`` (channels-last)
-        in place, so several extractors (e.g. backbone and projector outputs) share its weights.
-
-        Raises:
-            ValueError: ``output`` is unknown, or ``"projector"`` for a model without one.
+        ``model`` (a timm backbone, an :class:`~ssole_hub.models.SSOLEModel`, or any module with
+        ``.backbone`` and ``.projector``) is copied: the extractor runs an eval-mode copy on
+        ``device`` and never changes the module it was given.
         """
-        if output not in ("backbone", "projector"):
-            raise ValueError(f"output must be 'backbone' or 'projector', got {output!r}")
-        has_projector = hasattr(model, "projector") and hasattr(model, "backbone")
-        if output == "projector":
-            if not has_projector:
-                raise ValueError(
-                    f"output='projector' needs a model with .backbone and .projector; "
-                    f"{type(model).__name__} has none (load it with output='projector')"
-                )
-            net: nn.Module = _BackboneProjector(model.backbone, model.projector)
-        else:
-            net = model.backbone if has_projector else model
         self.device = torch.device(
             device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         )
         self.dtype = resolve_dtype(dtype, self.device)
-        self.output: Output = output
-        self.normalize = normalize
         self.model_id = model_id or _model_id(model)
-        self.data_config, self.transform = resolve_transform(model)
+        self.data_config, self.transform = resolve_preprocessing(model)
         draft_size = None
         if fast_decode:
             # timm's eval transform resizes the shorter side to input_size / crop_pct.
@@ -214,22 +173,19 @@ class FeatureExtractor:
         self.decode_options: dict[str, Any] = dict(
             max_bytes=max_bytes, max_pixels=max_pixels, draft_size=draft_size
         )
-        # channels_last lets cuDNN and oneDNN pick their fastest convolution kernels (measured
-        # faster on CPU as well), so it is used on every device.
-        self._net = net.eval().to(self.device, memory_format=torch.channels_last)
-        self._run = torch.compile(self._net) if compile else self._net
-        dim = _output_dim(net, output)
-        self.dim = dim if dim is not None else int(self.warmup().shape[1])
+        # channels_last lets cuDNN and oneDNN pick their fastest convolution kernels.
+        self.model = _inference_model(model).to(self.device, memory_format=torch.channels_last)
+        self.dims: dict[Output, int] = self.model.output_dims
+        self._run = torch.compile(self.model) if compile else self.model
 
     @classmethod
     def from_pretrained(
         cls,
         model: str | os.PathLike | nn.Module,
         *,
+        with_projector: bool | None = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
-        output: Output = "backbone",
-        normalize: bool = True,
         compile: bool = False,
         pretrained: bool = True,
         model_id: str | None = None,
@@ -240,16 +196,14 @@ class FeatureExtractor:
         """Load a model and wrap it for embedding.
 
         Args:
-            model: anything :func:`ssole_hub.hub.load_model` takes (a model name such as
+            model: anything :func:`ssole_hub.load_model` takes (a model name such as
                 ``"ssole_resnet18.in100_m4"``, ``"hf-hub:ORG/REPO"``, ``"local-dir:PATH"``, a
-                hub folder or a training checkpoint), or an already built ``nn.Module`` (a timm
-                backbone, or a module with ``.backbone`` and ``.projector``).
+                hub folder or a training checkpoint), or an already built ``nn.Module``.
+            with_projector: load the projector too, for ``output="projector"``: ``True`` (an
+                error if the model has none), ``None`` (when it has one) or ``False``.
             device: where to run; default CUDA when available, else CPU.
             dtype: compute dtype, ``"auto"`` (bfloat16 on CUDA, float32 on CPU), ``"float32"``,
                 ``"bfloat16"`` or ``"float16"``; lower precisions run under autocast.
-            output: ``"backbone"`` for pooled backbone features, ``"projector"`` for projector
-                outputs.
-            normalize: L2-normalise each embedding.
             compile: ``torch.compile`` the forward pass (slower first call, faster after).
             pretrained: load weights (only for names; ``False`` gives a random model).
             model_id: name reported in :attr:`model_id`; default from ``model``.
@@ -260,14 +214,14 @@ class FeatureExtractor:
                 much less decoding work, embeddings slightly different from a full decode.
 
         Raises:
-            ValueError: bad ``output`` / ``dtype``, or errors from loading the model.
+            ValueError: a bad ``dtype``, or errors from loading the model.
             FileNotFoundError: a path that does not exist.
+            ssole_hub.HubFolderError: ``with_projector=True`` for a model without a projector,
+                or an unreadable folder.
         """
         kwargs = dict(
             device=device,
             dtype=dtype,
-            output=output,
-            normalize=normalize,
             compile=compile,
             max_bytes=max_bytes,
             max_pixels=max_pixels,
@@ -275,13 +229,13 @@ class FeatureExtractor:
         )
         if isinstance(model, nn.Module):
             return cls(model, model_id=model_id, **kwargs)
-        from ssole_hub.hub import load_model
+        from ssole_hub.loading import load_model
 
         name = os.fspath(model)
-        module = load_model(name, pretrained=pretrained, with_projector=output == "projector")
+        module = load_model(name, pretrained=pretrained, with_projector=with_projector)
         return cls(module, model_id=model_id or name, **kwargs)
 
-    # -- images -> batch ---------------------------------------------------------------------
+    # -- images -> tensors -------------------------------------------------------------------
 
     def load_image(self, image: ImageInput) -> Image.Image:
         """Turn one input into an RGB PIL image: bytes and paths through the safe decoder (with
@@ -309,6 +263,14 @@ class FeatureExtractor:
             f"cannot embed a {type(image).__name__}; pass paths, bytes, PIL images or tensors"
         )
 
+    def preprocess_one(self, image: ImageInput) -> torch.Tensor:
+        """Decode and transform one image into a ``(3, H, W)`` float32 CPU tensor (thread-safe).
+
+        Raises:
+            ImageDecodeError, ValueError, TypeError: as :meth:`load_image`.
+        """
+        return self.transform(self.load_image(image))
+
     def preprocess(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Decode and transform ``images`` into one ``(n, 3, H, W)`` float32 CPU batch.
 
@@ -324,7 +286,7 @@ class FeatureExtractor:
         tensors = []
         for i, image in enumerate(images):
             try:
-                tensors.append(self.transform(self.load_image(image)))
+                tensors.append(self.preprocess_one(image))
             except (ImageDecodeError, ValueError, TypeError) as exc:
                 raise type(exc)(f"image {offset + i}: {exc}") from exc
         if not tensors:
@@ -333,42 +295,53 @@ class FeatureExtractor:
 
     # -- batch -> embeddings -----------------------------------------------------------------
 
+    def _check_output(self, output: Output) -> None:
+        if output not in self.dims:
+            hint = " (load the model with_projector=True)" if output == "projector" else ""
+            raise ValueError(
+                f"output {output!r} is not available; this extractor has "
+                f"{', '.join(map(repr, self.dims))}{hint}"
+            )
+
     @torch.inference_mode()
-    def embed_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+    def embed_tensor(
+        self, batch: torch.Tensor, output: Output = "backbone", normalize: bool = True
+    ) -> torch.Tensor:
         """Run the model on a preprocessed batch ``(n, 3, H, W)`` (as :meth:`preprocess` makes).
 
         Returns:
-            ``(n, dim)`` float32 embeddings on the CPU, L2-normalised if :attr:`normalize`.
+            ``(n, dims[output])`` float32 embeddings on the CPU, L2-normalised if ``normalize``.
 
         Raises:
-            ValueError: ``batch`` is not a 4-d tensor with 3 channels.
+            ValueError: an unavailable ``output``, or a ``batch`` that is not ``(n, 3, H, W)``.
         """
+        self._check_output(output)
         if batch.ndim != 4 or batch.shape[1] != 3:
             raise ValueError(f"batch must be (n, 3, H, W), got {tuple(batch.shape)}")
         if batch.shape[0] == 0:
-            return torch.empty(0, getattr(self, "dim", 0))
+            return torch.empty(0, self.dims[output])
         x = batch.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         if self.dtype == torch.float32:
-            out = self._run(x.float())
+            out = self._run(x.float(), output)
         else:
             with torch.autocast(self.device.type, dtype=self.dtype):
-                out = self._run(x)
-        out = out.float()
-        if self.normalize:
-            out = F.normalize(out, dim=1)
-        return out.cpu()
+                out = self._run(x, output)
+        return (l2_normalize(out) if normalize else out.float()).cpu()
 
-    forward = embed_tensor
-
-    def warmup(self, batch_size: int = 1) -> torch.Tensor:
-        """Run one forward pass on a zero batch (loads kernels, compiles); returns its output."""
-        return self.embed_tensor(torch.zeros(batch_size, *self.data_config["input_size"]))
+    def warmup(self, batch_size: int = 1) -> None:
+        """Run a forward pass per output on a zero batch (loads kernels, compiles)."""
+        batch = torch.zeros(batch_size, *self.data_config["input_size"])
+        for output in self.dims:
+            self.embed_tensor(batch, output)
 
     def embed(
         self,
         images: ImageInput | Iterable[ImageInput],
         batch_size: int = 32,
         progress: bool = False,
+        *,
+        output: Output = "backbone",
+        normalize: bool = True,
     ) -> torch.Tensor:
         """Embed images of any accepted kind (see :data:`ImageInput`), in input order.
 
@@ -379,16 +352,20 @@ class FeatureExtractor:
             images: one image, a list of them, or an ``(n, C, H, W)`` image tensor.
             batch_size: images per forward pass.
             progress: show a progress bar.
+            output: ``"backbone"`` (pooled features) or ``"projector"`` (projector outputs).
+            normalize: L2-normalise each embedding.
 
         Returns:
-            ``(n, dim)`` float32 CPU tensor, row ``i`` for input ``i``.
+            ``(n, dims[output])`` float32 CPU tensor, row ``i`` for input ``i``.
 
         Raises:
             ImageDecodeError: (or a subclass) naming the index of the first bad image.
-            ValueError: ``batch_size`` below 1, or a bad tensor / array input.
+            ValueError: ``batch_size`` below 1, an unavailable ``output``, or a bad tensor /
+                array input.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self._check_output(output)
         items = _as_list(images)
         chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
         out = []
@@ -401,14 +378,14 @@ class FeatureExtractor:
                 batch = pending.result()
                 if k + 1 < len(chunks):
                     pending = pool.submit(self._preprocess, chunks[k + 1], (k + 1) * batch_size)
-                out.append(self.embed_tensor(batch))
+                out.append(self.embed_tensor(batch, output, normalize))
                 bar.update(len(batch))
-        return torch.cat(out) if out else torch.empty(0, self.dim)
+        return torch.cat(out) if out else torch.empty(0, self.dims[output])
 
     __call__ = embed
 
     def __repr__(self) -> str:
         return (
-            f"FeatureExtractor(model_id={self.model_id!r}, output={self.output!r}, dim={self.dim}, "
-            f"device={self.device}, dtype={self.dtype}, normalize={self.normalize})"
+            f"FeatureExtractor(model_id={self.model_id!r}, dims={self.dims}, "
+            f"device={self.device}, dtype={self.dtype})"
         )

@@ -43,7 +43,7 @@ from ssole_hub.hub_format import (
     read_json,
     read_projector,
 )
-from ssole_hub.loading import SSOLEFeatureModel, load_model
+from ssole_hub.loading import load_model
 from ssole_hub.model_card import render_model_card
 from ssole_hub.models import HUB_ORG
 
@@ -57,7 +57,6 @@ __all__ = [
     "WEIGHTS_FILE",
     "HubFolder",
     "HubFolderError",
-    "SSOLEFeatureModel",
     "export_hub_folder",
     "load_model",
     "push_to_hub",
@@ -178,7 +177,7 @@ def export_hub_folder(
     Args:
         source: a training checkpoint path, a :class:`~ssole_hub.checkpoint.ModelCheckpoint`, an
             encoder with ``.backbone`` (timm) and ``.projector`` (:class:`SSOLEProjector`), such as
-            :class:`~ssole_hub.models.SSOLEEncoder`, or a bare timm backbone (no projector exported).
+            :class:`~ssole_hub.models.SSOLEModel`, or a bare timm backbone (no projector exported).
         out_dir: the folder to write; must not exist unless ``overwrite``.
         overwrite: replace an existing folder.
         eval_results: measured results (``{"knn_top1": 71.3, ...}``, may nest per dataset); they

@@ -219,6 +219,15 @@ def read_projector(
     return build_projector(config, state, num_features, PROJECTOR_FILE), ssole
 
 
+def has_projector(fetch: Fetch) -> bool:
+    """Whether the folder describes a projector (``projector_config`` in ``ssole.json``)."""
+    try:
+        ssole = read_json(fetch(SSOLE_FILE), SSOLE_FILE)
+    except FileNotFoundError:
+        return False
+    return bool(ssole.get("projector_config"))
+
+
 def check_repo_id(repo_id: str) -> None:
     """Raise ``ValueError`` unless ``repo_id`` is a well-formed ``ORG/NAME``."""
     try:

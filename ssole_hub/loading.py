@@ -1,4 +1,4 @@
-"""The project's one model loader, :func:`load_model`, and the backbone + projector module.
+"""The project's one model loader, :func:`load_model`.
 
 It takes registered names (``ssole_resnet18``, ``ssole_resnet18.in100_m4``), ``hf-hub:ORG/NAME``,
 ``local-dir:PATH``, a hub folder path, or a training checkpoint, and returns eval-mode models whose
@@ -8,12 +8,9 @@ It takes registered names (``ssole_resnet18``, ``ssole_resnet18.in100_m4``), ``h
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import timm
-import torch
 from timm.models import get_pretrained_cfg, is_model, split_model_name_tag
 from torch import nn
 
@@ -27,6 +24,7 @@ from ssole_hub.hub_format import (
     build_projector,
     check_repo_id,
     drop_classifier,
+    has_projector,
     hub_fetch,
     load_checked,
     local_fetch,
@@ -34,42 +32,9 @@ from ssole_hub.hub_format import (
     read_projector,
     read_safetensors,
 )
-from ssole_hub.models import SSOLEProjector
+from ssole_hub.models import SSOLEModel, SSOLEProjector
 
-__all__ = ["SSOLEFeatureModel", "load_model"]
-
-
-class SSOLEFeatureModel(nn.Module):
-    """A backbone and its SSOLE projector: images ``(B, C, H, W)`` to raw projector outputs ``(B, d)``.
-
-    ``.backbone`` alone gives the pooled features; ``.pretrained_cfg`` is the backbone's, so
-    ``timm.data.resolve_model_data_config(model)`` gives the right preprocessing.
-    """
-
-    def __init__(
-        self,
-        backbone: nn.Module,
-        projector: SSOLEProjector,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.projector = projector
-        self.metadata = dict(metadata or {})
-
-    @property
-    def pretrained_cfg(self) -> dict[str, Any]:
-        """The backbone's timm pretrained config (preprocessing, source)."""
-        return self.backbone.pretrained_cfg
-
-    @property
-    def num_features(self) -> int:
-        """Width of the projector output."""
-        return int(self.projector.config["out_dim"])
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Return raw (not normalised) projector outputs for a batch of images."""
-        return self.projector(self.backbone(images))
+__all__ = ["load_model"]
 
 
 def _known_names() -> list[str]:
@@ -81,7 +46,10 @@ def _is_checkpoint(path: Path) -> bool:
 
 
 def load_model(
-    model: str | os.PathLike[str], *, pretrained: bool = True, with_projector: bool = False
+    model: str | os.PathLike[str],
+    *,
+    pretrained: bool = True,
+    with_projector: bool | None = False,
 ) -> nn.Module:
     """Load an SSOLE model: the one model loader of this project.
 
@@ -93,12 +61,14 @@ def load_model(
             - ``local-dir:PATH`` or a plain folder path: a hub folder on disk;
             - a training checkpoint (``.pt``, ``.pth``, ``.ckpt``).
         pretrained: load the weights (else the architecture and preprocessing only, random init).
-        with_projector: also load the SSOLE projector.
+        with_projector: ``True`` also loads the SSOLE projector (an error if the source has
+            none); ``None`` loads it when the source has one.
 
     Returns:
         An eval-mode timm backbone whose forward gives pooled features and whose
         ``.pretrained_cfg`` drives ``timm.data.resolve_model_data_config``; with
-        ``with_projector``, a :class:`SSOLEFeatureModel` wrapping it.
+        ``with_projector`` ``True`` or ``None``, a :class:`~ssole_hub.models.SSOLEModel`
+        wrapping it (its ``projector`` is ``None`` when ``None`` found no projector).
 
     Raises:
         ValueError: for an unknown name or tag, or a malformed Hub repo id.
@@ -132,15 +102,14 @@ def load_model(
     else:
         built, fetch = _load_registered(name, pretrained)
     built.eval()
-    if not with_projector:
+    if with_projector is False:
         return built
     if fetch is None:
-        projector = SSOLEProjector(built.num_features)
-        metadata: dict[str, Any] = {}
-    else:
-        projector, ssole = read_projector(fetch, built.num_features, pretrained)
-        metadata = dict(ssole.get("metadata") or {})
-    return SSOLEFeatureModel(built, projector, metadata).eval()
+        return SSOLEModel(built, SSOLEProjector(built.num_features)).eval()
+    if with_projector is None and not has_projector(fetch):
+        return SSOLEModel(built, None).eval()
+    projector, ssole = read_projector(fetch, built.num_features, pretrained)
+    return SSOLEModel(built, projector, ssole.get("metadata")).eval()
 
 
 def _load_registered(name: str, pretrained: bool) -> tuple[nn.Module, Fetch | None]:
@@ -172,7 +141,7 @@ def _load_registered(name: str, pretrained: bool) -> tuple[nn.Module, Fetch | No
     return backbone, fetch
 
 
-def _load_checkpoint_model(path: Path, pretrained: bool, with_projector: bool) -> nn.Module:
+def _load_checkpoint_model(path: Path, pretrained: bool, with_projector: bool | None) -> nn.Module:
     ckpt = load_model_checkpoint(path)
     if not is_model(ckpt.arch):
         raise HubFolderError(f"{path}: unknown architecture {ckpt.arch!r}")
@@ -186,9 +155,11 @@ def _load_checkpoint_model(path: Path, pretrained: bool, with_projector: bool) -
         state = drop_classifier(ckpt.backbone, backbone.pretrained_cfg.get("classifier"))
         load_checked(backbone, state, f"{path} backbone weights")
     backbone.eval()
-    if not with_projector:
+    if with_projector is False:
         return backbone
     if not ckpt.projector_config:
+        if with_projector is None:
+            return SSOLEModel(backbone, None, ckpt.metadata).eval()
         raise HubFolderError(f"{path} has no projector_config")
     projector = build_projector(
         ckpt.projector_config,
@@ -196,4 +167,4 @@ def _load_checkpoint_model(path: Path, pretrained: bool, with_projector: bool) -
         backbone.num_features,
         f"{path} projector",
     )
-    return SSOLEFeatureModel(backbone, projector, ckpt.metadata).eval()
+    return SSOLEModel(backbone, projector, ckpt.metadata).eval()

@@ -9,6 +9,8 @@ configs live in one table, in timm's style, and point at Hugging Face Hub repos 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,13 +18,26 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet, _create_resnet
 from torch import nn
 
-__all__ = ["HUB_ORG", "SSOLEEncoder", "SSOLEProjector", "ssole_resnet18", "ssole_resnet50"]
+__all__ = [
+    "HUB_ORG",
+    "OUTPUTS",
+    "RECIPE_MEAN",
+    "RECIPE_STD",
+    "Output",
+    "SSOLEModel",
+    "SSOLEProjector",
+    "l2_normalize",
+    "ssole_resnet18",
+    "ssole_resnet50",
+]
 
 HUB_ORG = os.environ.get("SSOLE_HUB_ORG", "ssole-hub")
 """Hugging Face org (or user) that holds the published checkpoints (``SSOLE_HUB_ORG``)."""
 
 RECIPE_MEAN = (0.485, 0.456, 0.406)
+"""Per-channel mean of the released SSOLE recipe's input normalisation."""
 RECIPE_STD = (0.228, 0.224, 0.225)
+"""Per-channel std of the released SSOLE recipe (0.228, not ImageNet's 0.229, as released)."""
 
 
 def _cfg(**kwargs) -> dict:
@@ -81,7 +96,7 @@ class SSOLEProjector(nn.Sequential):
     """The SSOLE projector: an MLP of ``depth`` linear layers with ReLU between them.
 
     The released recipe uses depth 3, hidden 4096, output 4096 and no BatchNorm. The output is
-    *not* normalised here; :class:`SSOLEEncoder` L2-normalises it.
+    *not* normalised here: :func:`l2_normalize` does that where it is wanted.
 
     Args:
         in_dim: backbone feature dimension (512 for ResNet-18, 2048 for ResNet-50).
@@ -127,33 +142,89 @@ class SSOLEProjector(nn.Sequential):
         )
 
 
-class SSOLEEncoder(nn.Module):
-    """Backbone + projector: maps views ``(B, N, C, H, W)`` to unit-norm embeddings ``(B, N, d)``.
+Output = Literal["backbone", "projector"]
+"""Which embedding a model returns: pooled backbone features or projector outputs."""
 
-    The state dict has ``backbone.*`` keys (timm names) and ``projector.*`` keys, which is the
-    layout training checkpoints store and :mod:`ssole_hub.hub` exports. ``normalize=False``
-    returns raw projector outputs (for losses such as VICReg that expect them).
+OUTPUTS: tuple[Output, ...] = ("backbone", "projector")
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` scaled to unit L2 norm, in float32: the project's one normalisation."""
+    return F.normalize(x.float(), dim=-1)
+
+
+class SSOLEModel(nn.Module):
+    """A timm backbone and an optional SSOLE projector: the one model that trains and embeds.
+
+    ``forward(images, output, normalize)`` returns pooled backbone features or projector outputs
+    for images ``(n, C, H, W)``. Training flattens its views ``(B, N, C, H, W)`` into the batch
+    and asks for raw projector outputs; inference (:class:`~ssole_hub.FeatureExtractor`, the
+    server, evaluation) asks for either output. The state dict has ``backbone.*`` keys (timm
+    names) and ``projector.*`` keys, the layout that checkpoints store and hub folders export.
+
+    Args:
+        backbone: a timm model built with ``num_classes=0`` (pooled features out).
+        projector: the projector, or ``None`` for a backbone-only model.
+        metadata: training metadata (dataset, epochs, ...) that came with the weights.
     """
 
     def __init__(
-        self, backbone: nn.Module, projector: SSOLEProjector, normalize: bool = True
+        self,
+        backbone: nn.Module,
+        projector: nn.Module | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = projector
-        self.normalize = normalize
+        self.metadata = dict(metadata or {})
 
-    def forward(self, views: torch.Tensor) -> torch.Tensor:
-        """Embed ``views`` of shape ``(B, N, C, H, W)``; returns ``(B, N, d)`` in float32, rows
-        L2-normalised unless ``normalize`` is off.
+    @property
+    def pretrained_cfg(self) -> dict[str, Any]:
+        """The backbone's timm pretrained config (preprocessing, source)."""
+        return getattr(self.backbone, "pretrained_cfg", None) or {}
+
+    @property
+    def num_features(self) -> int:
+        """Width of the pooled backbone features (timm's meaning)."""
+        return int(self.backbone.num_features)
+
+    @property
+    def output_dims(self) -> dict[Output, int]:
+        """Embedding width per available output (``backbone``, and ``projector`` if present)."""
+        dims: dict[Output, int] = {"backbone": self.num_features}
+        if self.projector is not None:
+            linears = [m for m in self.projector.modules() if isinstance(m, nn.Linear)]
+            dims["projector"] = linears[-1].out_features if linears else self.num_features
+        return dims
+
+    def forward(
+        self, images: torch.Tensor, output: Output | None = None, normalize: bool = False
+    ) -> torch.Tensor:
+        """Embed a batch of images ``(n, C, H, W)``; returns ``(n, d)``.
+
+        Args:
+            images: a preprocessed image batch.
+            output: ``"backbone"`` or ``"projector"``; default the projector when the model has
+                one, else the backbone.
+            normalize: L2-normalise each row (:func:`l2_normalize`, float32 out).
 
         Raises:
-            ValueError: if ``views`` is not 5-dimensional.
+            ValueError: an unknown ``output``, ``"projector"`` for a model without one, or
+                ``images`` that are not 4-dimensional.
         """
-        if views.ndim != 5:
-            raise ValueError(f"views must be (B, N, C, H, W), got shape {tuple(views.shape)}")
-        b, n = views.shape[:2]
-        feats = self.backbone(views.flatten(0, 1))
-        z = self.projector(feats)
-        z = z.float().view(b, n, -1)
-        return F.normalize(z, dim=-1) if self.normalize else z
+        if output is None:
+            output = "backbone" if self.projector is None else "projector"
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be 'backbone' or 'projector', got {output!r}")
+        if output == "projector" and self.projector is None:
+            raise ValueError(
+                "output='projector' needs a model with a projector; this one has none "
+                "(load it with its projector, or ask for output='backbone')"
+            )
+        if images.ndim != 4:
+            raise ValueError(f"images must be (n, C, H, W), got shape {tuple(images.shape)}")
+        z = self.backbone(images)
+        if output == "projector":
+            z = self.projector(z)
+        return l2_normalize(z) if normalize else z

@@ -9,8 +9,8 @@ Every dataset is a sequence of ``(PIL RGB image, label)`` pairs (label ``-1`` wh
 - ``synthetic``: deterministic random images, for benchmarking only.
 
 :func:`labelled_splits` gives the labelled train / held-out pair used by the kNN monitor and by
-offline evaluation, and :func:`eval_transform` builds the evaluation preprocessing from a model's
-``pretrained_cfg`` with timm, the project's single source of preprocessing.
+offline evaluation; their preprocessing comes from
+:func:`ssole_hub.preprocessing.resolve_preprocessing`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 from torch.utils.data import Dataset
 
 from ssole_hub.images import decode_image, is_image_path
@@ -36,7 +35,6 @@ __all__ = [
     "ImageFolder",
     "SyntheticImages",
     "build_dataset",
-    "eval_transform",
     "labelled_splits",
     "subset_indices",
 ]
@@ -229,22 +227,6 @@ def labelled_splits(
             raise ValueError(f"{train.root} and {test.root} have different class sub-folders")
         return train, test
     return build_dataset(name, "train", root, **kwargs), build_dataset(name, "test", root, **kwargs)
-
-
-def eval_transform(
-    model_or_cfg: nn.Module | dict[str, Any],
-) -> Callable[[Image.Image], torch.Tensor]:
-    """timm's evaluation transform (resize, centre crop, normalise) for a model or a
-    ``pretrained_cfg`` dict: what the exported model uses, so evaluation matches deployment."""
-    from timm.data import create_transform, resolve_data_config
-
-    from ssole_hub.extractor import resolve_transform
-
-    if isinstance(model_or_cfg, nn.Module):
-        return resolve_transform(model_or_cfg)[1]
-    return create_transform(
-        **resolve_data_config(pretrained_cfg=dict(model_or_cfg)), is_training=False
-    )
 
 
 class TransformedDataset(Dataset):

@@ -43,6 +43,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from ssole_hub.extractor import FeatureExtractor
+from ssole_hub.preprocessing import resolve_preprocessing
 from training.linear_probe import linear_probe_top1
 from training.metrics import knn_top1, rankme
 
@@ -78,37 +80,27 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
-@torch.no_grad()
 def extract_features(
-    backbone: nn.Module,
+    model: nn.Module | FeatureExtractor,
     loader: DataLoader,
     device: str | torch.device | None = None,
     desc: str = "features",
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features and labels of every ``(images, labels)`` batch of ``loader``.
+    """Pooled backbone features and labels of every ``(images, labels)`` batch of ``loader``.
 
-    The backbone runs in eval mode on ``device`` (bf16 autocast on CUDA); features come back
-    as float32 on the CPU, in loader order.
+    The forward pass is :meth:`ssole_hub.FeatureExtractor.embed_tensor` (raw, not normalised):
+    an eval-mode copy of ``model`` on ``device`` (bf16 autocast on CUDA), so ``model`` itself is
+    left as it was. Features come back as float32 on the CPU, in loader order.
 
     Raises:
-        ValueError: if the loader is empty or the backbone gives non-finite features.
+        ValueError: if the loader is empty or the model gives non-finite features.
     """
-    device = resolve_device(device)
-    was_training = backbone.training
-    backbone.eval().to(device)
+    fx = model if isinstance(model, FeatureExtractor) else FeatureExtractor(model, device=device)
     feats, labels = [], []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    try:
-        for images, targets in tqdm(loader, desc=desc, unit="batch", disable=not progress):
-            with autocast:
-                out = backbone(images.to(device, non_blocking=True))
-            if out.ndim > 2:  # a backbone that was not built with global pooling
-                out = out.flatten(2).mean(-1)
-            feats.append(out.float().cpu())
-            labels.append(torch.as_tensor(targets).long())
-    finally:
-        backbone.train(was_training)
+    for images, targets in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+        feats.append(fx.embed_tensor(images, "backbone", normalize=False))
+        labels.append(torch.as_tensor(targets).long())
     if not feats:
         raise ValueError(f"{desc}: the dataset is empty")
     features = torch.cat(feats)
@@ -231,20 +223,19 @@ def evaluate_backbone(
             persistent_workers=num_workers > 0,
         )
 
+    fx = FeatureExtractor(backbone, device=device)
     train_features, train_labels = extract_features(
-        backbone, loader(train_set), device, "train features", progress
+        fx, loader(train_set), device, "train features", progress
     )
     test_features, test_labels = extract_features(
-        backbone, loader(test_set), device, "test features", progress
+        fx, loader(test_set), device, "test features", progress
     )
     probe_train_features = None
     if augmented_train_set is not None and "linear" in protocols:
         augmented = loader(augmented_train_set)
 
         def probe_train_features(epoch: int) -> torch.Tensor:
-            return extract_features(backbone, augmented, device, f"augmented epoch {epoch}", False)[
-                0
-            ]
+            return extract_features(fx, augmented, device, f"augmented epoch {epoch}", False)[0]
 
     return {
         "train_samples": int(train_features.shape[0]),
@@ -294,9 +285,9 @@ def labelled_datasets(
         ValueError: for an unknown dataset or a folder without labelled splits.
         FileNotFoundError: if the dataset's files are missing.
     """
-    from timm.data import create_transform, resolve_model_data_config
+    from timm.data import create_transform
 
-    from training.data import TransformedDataset, eval_transform, labelled_splits
+    from training.data import TransformedDataset, labelled_splits
 
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
@@ -317,10 +308,9 @@ def labelled_datasets(
         train, test = labelled_splits(dataset, data_path)
     else:
         train, test = labelled_splits(dataset)
-    transform = eval_transform(backbone)
+    config, transform = resolve_preprocessing(backbone)
     augmented_train = None
     if augmented:
-        config = resolve_model_data_config(backbone)
         # The probe protocol's augmentation is random-resized-crop + flip only, no colour jitter.
         augment = create_transform(**config, is_training=True, hflip=0.5, color_jitter=None)
         augmented_train = TransformedDataset(train, augment)
@@ -396,6 +386,7 @@ def evaluate(
     return {
         "model": name,
         "dataset": dataset if data_path is None else f"{dataset}:{Path(data_path).name}",
+        "preprocessing": resolve_preprocessing(backbone).config,
         **results,
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ssole_hub.preprocessing import resolve_preprocessing
 from training.config import Config
-from training.data import TransformedDataset, eval_transform, labelled_splits, subset_indices
+from training.data import TransformedDataset, labelled_splits, subset_indices
 from training.evaluate import extract_features
 from training.metrics import knn_top1
 
@@ -18,7 +19,8 @@ __all__ = ["KnnMonitor"]
 
 class KnnMonitor:
     """kNN top-1 (in %) of a backbone on the config's labelled train / held-out splits, with the
-    evaluation transform of the training resolution (:func:`training.data.eval_transform`)."""
+    evaluation transform of the training resolution (the one resolver,
+    :func:`ssole_hub.preprocessing.resolve_preprocessing`, of the run's ``pretrained_cfg``)."""
 
     def __init__(self, cfg: Config, pretrained_cfg: dict[str, Any], device: torch.device) -> None:
         d = cfg.data
@@ -31,7 +33,7 @@ class KnnMonitor:
         )
         self.train = Subset(train, subset_indices(len(train), cfg.knn.max_train_images))
         self.val = Subset(val, subset_indices(len(val), cfg.knn.max_val_images))
-        self.transform = eval_transform(pretrained_cfg)
+        self.transform = resolve_preprocessing(pretrained_cfg).transform
         self.cfg, self.device = cfg, device
 
     def __call__(self, backbone: nn.Module) -> float:

@@ -10,9 +10,9 @@ import itertools
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ssole_hub.loss import ssole_loss
+from ssole_hub.models import l2_normalize
 
 __all__ = ["METHODS", "Objective", "build_objective"]
 
@@ -56,7 +56,7 @@ def build_objective(
 
         def ssole(z: torch.Tensor) -> dict[str, torch.Tensor]:
             _check_views(z)
-            return ssole_loss(F.normalize(z.float(), dim=-1), lambda_, gamma, gather)._asdict()
+            return ssole_loss(l2_normalize(z), lambda_, gamma, gather)._asdict()
 
         return ssole
     if method == "vicreg":

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import ssole_hub  # noqa: F401 - registers ssole_resnet* with timm
 from ssole_hub.checkpoint import model_checkpoint_state
-from ssole_hub.models import SSOLEEncoder, SSOLEProjector
+from ssole_hub.models import SSOLEModel, SSOLEProjector
 from training.checkpointing import capture_rng_state, restore_rng_state
 from training.config import Config
 from training.distributed import DistributedContext, all_gather_objects, any_true
@@ -73,7 +73,7 @@ class Trainer:
             backbone.num_features, m.projector_hidden, m.projector_out, m.projector_depth,
             m.projector_batch_norm,
         )  # fmt: skip
-        encoder: nn.Module = SSOLEEncoder(backbone, projector, normalize=False)
+        encoder: nn.Module = SSOLEModel(backbone, projector)
         # PyTorch's SyncBatchNorm runs on GPUs only; CPU ranks keep per-rank statistics.
         self.sync_batchnorm = ctx.distributed and m.sync_batchnorm and self.device.type == "cuda"
         if self.sync_batchnorm:
@@ -151,7 +151,9 @@ class Trainer:
         with torch.autocast(
             self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
         ):
-            z = self.model(views)
+            # The views of a batch go through the model as one batch of images.
+            b, n = views.shape[:2]
+            z = self.model(views.flatten(0, 1), "projector").view(b, n, -1)
         # The objectives need float32 (eigen-solvers have no half kernels): leave autocast.
         with torch.autocast(self.device.type, enabled=False):
             out = self.objective(z.float())

@@ -53,17 +53,28 @@ def tiny_model(tiny_model_dir) -> str:
     return f"local-dir:{tiny_model_dir}"
 
 
-@pytest.fixture(scope="session")
-def extractors(tiny_model) -> Callable[[str, bool], FeatureExtractor]:
-    """Offline FeatureExtractors of the tiny model, the reference the server must match."""
-    cache: dict[tuple[str, bool], FeatureExtractor] = {}
+@dataclass
+class Reference:
+    """One output of the offline extractor, with normalisation fixed."""
 
-    def get(output: str = "backbone", normalize: bool = True) -> FeatureExtractor:
-        if (output, normalize) not in cache:
-            cache[(output, normalize)] = FeatureExtractor.from_pretrained(
-                tiny_model, device="cpu", dtype="float32", output=output, normalize=normalize
-            )
-        return cache[(output, normalize)]
+    fx: FeatureExtractor
+    output: str
+    normalize: bool
+
+    def embed(self, images: list) -> torch.Tensor:
+        return self.fx.embed(images, output=self.output, normalize=self.normalize)
+
+
+@pytest.fixture(scope="session")
+def extractors(tiny_model) -> Callable[[str, bool], Reference]:
+    """Offline embeddings of the tiny model, the reference the server must match:
+    ``extractors(output, normalize).embed(images)``, all from one FeatureExtractor."""
+    fx = FeatureExtractor.from_pretrained(
+        tiny_model, with_projector=True, device="cpu", dtype="float32"
+    )
+
+    def get(output: str = "backbone", normalize: bool = True) -> Reference:
+        return Reference(fx, output, normalize)
 
     return get
 

@@ -17,7 +17,7 @@ import torch
 
 import ssole_hub
 from ssole_hub.checkpoint import model_checkpoint_state
-from ssole_hub.models import SSOLEEncoder, SSOLEProjector
+from ssole_hub.models import SSOLEModel, SSOLEProjector
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Non-default preprocessing, so tests can tell the checkpoint's config from the architecture's.
@@ -46,7 +46,7 @@ def export_settings() -> dict:
 
 
 @pytest.fixture(scope="session")
-def encoder() -> SSOLEEncoder:
+def encoder() -> SSOLEModel:
     """A ResNet-18 SSOLE encoder with a small projector and non-trivial BatchNorm statistics."""
     torch.manual_seed(0)
     backbone = timm.create_model("ssole_resnet18")
@@ -55,7 +55,7 @@ def encoder() -> SSOLEEncoder:
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean.normal_(0, 0.1)
                 module.running_var.uniform_(0.5, 1.5)
-    return SSOLEEncoder(backbone, SSOLEProjector(**PROJECTOR)).eval()
+    return SSOLEModel(backbone, SSOLEProjector(**PROJECTOR)).eval()
 
 
 @pytest.fixture(scope="session")

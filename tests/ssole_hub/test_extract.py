@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 
-from ssole_hub import FeatureExtractor, SSOLEEncoder, SSOLEProjector, export_hub_folder
+from ssole_hub import FeatureExtractor, SSOLEModel, SSOLEProjector, export_hub_folder
 from ssole_hub.cli import main
 from ssole_hub.extract import extract_dataset, list_images, read_embeddings
 
@@ -30,9 +30,7 @@ BAD = {
 def hub_folder(tmp_path_factory) -> Path:
     """A real hub folder (safetensors + timm config.json) of a seeded SSOLE ResNet-18."""
     torch.manual_seed(0)
-    encoder = SSOLEEncoder(
-        timm.create_model("ssole_resnet18"), SSOLEProjector(512, 64, 32, depth=2)
-    )
+    encoder = SSOLEModel(timm.create_model("ssole_resnet18"), SSOLEProjector(512, 64, 32, depth=2))
     return export_hub_folder(encoder.eval(), tmp_path_factory.mktemp("hub") / "ssole_resnet18.test")
 
 
@@ -131,12 +129,12 @@ from ssole_hub.extractor import FeatureExtractor
 forward = FeatureExtractor.embed_tensor
 calls = 0
 
-def dies_on_third_batch(self, batch):
+def dies_on_third_batch(self, batch, *args, **kwargs):
     global calls
     calls += 1
     if calls == 3:
         os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, like a preempted job
-    return forward(self, batch)
+    return forward(self, batch, *args, **kwargs)
 
 FeatureExtractor.embed_tensor = dies_on_third_batch
 sys.exit(main(sys.argv[1:]))

@@ -12,15 +12,15 @@ import torch
 import torch.nn.functional as F
 from timm.data import create_transform, resolve_data_config
 
-from ssole_hub import FeatureExtractor, SSOLEEncoder, SSOLEProjector, export_hub_folder
+from ssole_hub import FeatureExtractor, SSOLEModel, SSOLEProjector, export_hub_folder
 from ssole_hub.images import ImageDecodeError, UnsupportedImageError
 
 
 @pytest.fixture(scope="module")
-def encoder() -> SSOLEEncoder:
+def encoder() -> SSOLEModel:
     torch.manual_seed(0)
     backbone = timm.create_model("ssole_resnet18")
-    return SSOLEEncoder(backbone, SSOLEProjector(512, 64, 32, depth=2)).eval()
+    return SSOLEModel(backbone, SSOLEProjector(512, 64, 32, depth=2)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def hub_folder(encoder, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fx(hub_folder) -> FeatureExtractor:
-    return FeatureExtractor.from_pretrained(hub_folder, normalize=False)
+    return FeatureExtractor.from_pretrained(hub_folder, with_projector=True)
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +44,14 @@ def reference(hub_folder, photos) -> torch.Tensor:
 
 
 def test_embed_equals_a_handwritten_timm_forward(fx, reference, photos):
-    out = fx.embed(photos, batch_size=4)
+    out = fx.embed(photos, batch_size=4, normalize=False)
     assert out.shape == (len(photos), 512) == reference.shape
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
 
 
-def test_normalized_embeddings_are_the_unit_rows_of_the_raw_ones(hub_folder, reference, photos):
-    fx_unit = FeatureExtractor.from_pretrained(hub_folder)
-    out = fx_unit.embed(photos)
+def test_normalized_embeddings_are_the_unit_rows_of_the_raw_ones(fx, reference, photos):
+    out = fx.embed(photos)
     torch.testing.assert_close(out, F.normalize(reference, dim=1), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out.norm(dim=1), torch.ones(len(photos)))
 
@@ -75,8 +74,8 @@ def test_every_input_kind_gives_the_same_embedding(fx, photos, tmp_path):
 
 
 def test_rows_follow_input_order_whatever_the_batch_size(fx, photos):
-    forward = fx.embed(photos, batch_size=4)
-    backward = fx.embed(photos[::-1], batch_size=1)
+    forward = fx.embed(photos, batch_size=4, normalize=False)
+    backward = fx.embed(photos[::-1], batch_size=1, normalize=False)
     torch.testing.assert_close(backward.flip(0), forward, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(forward[0], forward[1])
 
@@ -91,19 +90,50 @@ def test_preprocess_and_embed_tensor_are_embed_split_in_two(fx, photo_jpegs):
     torch.testing.assert_close(fx.embed_tensor(batch), fx.embed(photo_jpegs), atol=1e-4, rtol=1e-4)
 
 
-def test_projector_output_is_the_projector_of_the_backbone(hub_folder, encoder, photos):
-    fx_proj = FeatureExtractor.from_pretrained(hub_folder, output="projector", normalize=False)
-    assert fx_proj.dim == 32
-    x = fx_proj.preprocess(photos[:3])
+def test_projector_output_is_the_projector_of_the_backbone(fx, encoder, photos):
+    assert fx.dims == {"backbone": 512, "projector": 32}
+    x = fx.preprocess(photos[:3])
     with torch.inference_mode():
         expected = encoder.projector(encoder.backbone(x))
-    torch.testing.assert_close(fx_proj.embed(photos[:3]), expected, atol=1e-4, rtol=1e-4)
+    got = fx.embed(photos[:3], output="projector", normalize=False)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("output", ["backbone", "projector"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_one_extractor_serves_every_output_and_normalization(
+    fx, encoder, photo_jpegs, output, normalize
+):
+    """The offline reference: the encoder's own modules, run by hand on the same batch."""
+    batch = fx.preprocess(photo_jpegs)
+    with torch.inference_mode():
+        expected = encoder.backbone(batch)
+        if output == "projector":
+            expected = encoder.projector(expected)
+    if normalize:
+        expected = F.normalize(expected, dim=1)
+    got = fx.embed(photo_jpegs, batch_size=4, output=output, normalize=normalize)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_the_extractor_does_not_change_the_model_it_is_given(photos):
+    torch.manual_seed(0)
+    model = SSOLEModel(timm.create_model("ssole_resnet18"), SSOLEProjector(512, 64, 32))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fx = FeatureExtractor(model, device="cpu")
+    fx.embed(photos[:2])
+    assert model.training and all(m.training for m in model.modules())
+    assert model.backbone.conv1.weight.is_contiguous()  # not turned channels-last
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_an_already_built_module_is_accepted(encoder, photos):
-    fx_mod = FeatureExtractor.from_pretrained(encoder, output="projector")
-    assert fx_mod.embed(photos[:2]).shape == (2, 32)
-    assert FeatureExtractor.from_pretrained(encoder).dim == 512
+    fx_mod = FeatureExtractor.from_pretrained(encoder)
+    assert fx_mod.embed(photos[:2], output="projector").shape == (2, 32)
+    assert FeatureExtractor.from_pretrained(encoder.backbone).dims == {"backbone": 512}
 
 
 def test_a_bad_image_raises_naming_its_index(fx, photo_jpegs):
@@ -114,10 +144,10 @@ def test_a_bad_image_raises_naming_its_index(fx, photo_jpegs):
 
 
 def test_bad_arguments_raise_clear_errors(encoder, fx, photos):
-    with pytest.raises(ValueError, match="projector"):
-        FeatureExtractor.from_pretrained(encoder.backbone, output="projector")
-    with pytest.raises(ValueError, match="output"):
-        FeatureExtractor.from_pretrained(encoder, output="logits")
+    with pytest.raises(ValueError, match=r"'projector' is not available.*with_projector=True"):
+        FeatureExtractor.from_pretrained(encoder.backbone).embed(photos[:1], output="projector")
+    with pytest.raises(ValueError, match="output 'logits' is not available"):
+        fx.embed(photos[:1], output="logits")
     with pytest.raises(ValueError, match="dtype"):
         FeatureExtractor.from_pretrained(encoder, dtype="int8")
     with pytest.raises(ValueError, match="batch_size"):
@@ -148,7 +178,7 @@ def test_fast_decode_stays_close_to_a_full_decode(hub_folder, photos):
 def test_a_registered_name_loads_without_weights(photos):
     fx_name = FeatureExtractor.from_pretrained("ssole_resnet18", pretrained=False)
     assert fx_name.model_id == "ssole_resnet18"
-    assert fx_name.dim == 512
+    assert fx_name.dims == {"backbone": 512}
     assert fx_name.data_config["input_size"] == (3, 224, 224)
     assert fx_name.embed(photos[:1]).shape == (1, 512)
 

@@ -12,7 +12,8 @@ import timm
 import torch
 
 import ssole_hub
-from ssole_hub.hub import HubFolderError, SSOLEFeatureModel
+from ssole_hub import SSOLEModel
+from ssole_hub.hub import HubFolderError
 
 VANILLA_TIMM_SCRIPT = """
 import json, sys
@@ -60,7 +61,7 @@ def test_load_model_gives_the_same_model_from_folder_local_dir_and_checkpoint(
 ):
     for source in (hub_folder, f"local-dir:{hub_folder}", checkpoint_path):
         model = ssole_hub.load_model(source, with_projector=True)
-        assert isinstance(model, SSOLEFeatureModel) and not model.training
+        assert isinstance(model, SSOLEModel) and not model.training
         assert model.pretrained_cfg is model.backbone.pretrained_cfg
         assert list(timm.data.resolve_model_data_config(model)["input_size"]) == [3, 160, 160]
         assert model.metadata["dataset"] == "imagenet-100"

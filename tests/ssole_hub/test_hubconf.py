@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ssole_hub.hub import SSOLEFeatureModel
+from ssole_hub import SSOLEModel
 
 REPO_ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -44,7 +44,7 @@ def test_hubconf_with_projector_returns_projector_outputs_and_preprocessing():
     model = torch.hub.load(
         REPO_ROOT, "ssole_resnet18", source="local", pretrained=False, with_projector=True
     )
-    assert isinstance(model, SSOLEFeatureModel) and not model.training
+    assert isinstance(model, SSOLEModel) and not model.training
     assert model.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)
     with torch.inference_mode():
         out = model(torch.randn(2, 3, 64, 64))

@@ -9,7 +9,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 import ssole_hub  # noqa: F401  (registers the models with timm)
-from ssole_hub import SSOLEEncoder, SSOLEProjector, ssole_loss
+from ssole_hub import SSOLEModel, SSOLEProjector, l2_normalize, ssole_loss
 
 
 def test_both_models_are_listed_by_timm():
@@ -96,10 +96,10 @@ def test_projector_bad_arguments_raise_value_error(kwargs, match):
 
 
 @pytest.fixture(scope="module")
-def small_encoder() -> SSOLEEncoder:
+def small_encoder() -> SSOLEModel:
     torch.manual_seed(0)
     backbone = timm.create_model("ssole_resnet18")
-    return SSOLEEncoder(backbone, SSOLEProjector(512, hidden_dim=64, out_dim=32)).eval()
+    return SSOLEModel(backbone, SSOLEProjector(512, hidden_dim=64, out_dim=32)).eval()
 
 
 def _views(photos, n_views: int) -> torch.Tensor:
@@ -115,29 +115,35 @@ def _views(photos, n_views: int) -> torch.Tensor:
     return torch.stack([torch.stack([augment(p) for _ in range(n_views)]) for p in photos])
 
 
-def test_encoder_maps_views_of_real_photos_to_unit_norm_embeddings(small_encoder, photos):
+def test_model_maps_views_of_real_photos_to_unit_norm_embeddings(small_encoder, photos):
     torch.manual_seed(0)
     views = _views(photos, 3)  # (6 photos, 3 views, 3, 64, 64)
     with torch.no_grad():
-        z = small_encoder(views)
+        z = small_encoder(views.flatten(0, 1), "projector", normalize=True).view(6, 3, -1)
     assert z.shape == (len(photos), 3, 32)
     assert z.dtype == torch.float32
     torch.testing.assert_close(z.norm(dim=-1), torch.ones(len(photos), 3))
     assert torch.isfinite(ssole_loss(z).loss)
 
 
-def test_encoder_without_normalize_returns_raw_projector_outputs(small_encoder, photos):
-    views = _views(photos[:2], 2)
-    raw = SSOLEEncoder(small_encoder.backbone, small_encoder.projector, normalize=False).eval()
+def test_model_without_normalize_returns_raw_projector_outputs(small_encoder, photos):
+    images = _views(photos[:2], 2).flatten(0, 1)
     with torch.no_grad():
-        z_raw, z = raw(views), small_encoder(views)
-    assert not torch.allclose(z_raw.norm(dim=-1), torch.ones(2, 2))
-    torch.testing.assert_close(torch.nn.functional.normalize(z_raw, dim=-1), z)
+        z_raw, z = small_encoder(images), small_encoder(images, normalize=True)
+        pooled = small_encoder(images, "backbone")
+    assert not torch.allclose(z_raw.norm(dim=-1), torch.ones(4))
+    torch.testing.assert_close(l2_normalize(z_raw), z)
+    torch.testing.assert_close(small_encoder.projector(pooled), z_raw)
+    assert small_encoder.output_dims == {"backbone": 512, "projector": 32}
 
 
-def test_encoder_rejects_views_that_are_not_5d(small_encoder):
-    with pytest.raises(ValueError, match=r"\(B, N, C, H, W\)"):
-        small_encoder(torch.randn(4, 3, 64, 64))
+def test_model_rejects_bad_inputs_and_outputs(small_encoder):
+    with pytest.raises(ValueError, match=r"\(n, C, H, W\)"):
+        small_encoder(torch.randn(2, 2, 3, 64, 64))
+    with pytest.raises(ValueError, match="output must be"):
+        small_encoder(torch.randn(1, 3, 64, 64), "logits")
+    with pytest.raises(ValueError, match="has none"):
+        SSOLEModel(small_encoder.backbone)(torch.randn(1, 3, 64, 64), "projector")
 
 
 def test_encoder_state_dict_has_backbone_and_projector_keys(small_encoder):

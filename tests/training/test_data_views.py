@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from ssole_hub.preprocessing import resolve_preprocessing
 from training.config import DataConfig, ViewsConfig
 from training.data import (
     FASHION_MNIST_DIR,
     DatasetNotFoundError,
     ImageFolder,
     build_dataset,
-    eval_transform,
     labelled_splits,
 )
 from training.sampler import ResumableSampler
@@ -79,10 +79,10 @@ def test_image_folder_with_classes_gives_labels_and_flat_folder_gives_none(tmp_p
         ImageFolder(tmp_path / "empty")
 
 
-def test_eval_transform_follows_the_pretrained_cfg(photos):
+def test_the_resolver_builds_the_eval_transform_of_a_pretrained_cfg(photos):
     cfg = {"input_size": (3, 40, 40), "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0,
            "interpolation": "bicubic"}  # fmt: skip
-    x = eval_transform(cfg)(photos[1])
+    x = resolve_preprocessing(cfg).transform(photos[1])
     assert x.shape == (3, 40, 40) and float(x.min()) >= -1.01 and float(x.max()) <= 1.01
 
 

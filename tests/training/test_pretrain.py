@@ -13,8 +13,9 @@ import timm
 import torch
 
 from ssole_hub.checkpoint import load_model_checkpoint
+from ssole_hub.preprocessing import resolve_preprocessing
 from training import pretrain
-from training.data import DatasetNotFoundError, eval_transform
+from training.data import DatasetNotFoundError
 from training.distributed import init_distributed
 from training.trainer import NonFiniteLossError, Trainer
 
@@ -80,7 +81,7 @@ def test_checkpoint_loads_safely_and_exports_a_vanilla_timm_backbone(tiny_config
     assert tuple(ckpt.pretrained_cfg["input_size"]) == (3, 16, 16)
     vanilla = timm.create_model("resnet18", num_classes=0)
     vanilla.load_state_dict(ckpt.backbone)
-    x = eval_transform(ckpt.pretrained_cfg)(photos[0]).unsqueeze(0)
+    x = resolve_preprocessing(ckpt.pretrained_cfg).transform(photos[0]).unsqueeze(0)
     assert x.shape == (1, 3, 16, 16)
     assert vanilla.eval()(x).shape == (1, 512)
     assert set(ckpt.projector) == {f"{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}

@@ -1,0 +1,258 @@
+"""The embedding service behind the routes: model start-up, the decode pool and the batcher.
+
+:class:`EmbeddingService` owns everything that outlives a request. Its :meth:`~EmbeddingService.
+embed` is the one pipeline both embedding routes use: check limits, decode each image in the
+decode pool (a bad image fails only its own request), queue the decoded images with the
+batcher, and wait for their vectors while watching for a client that goes away.
+
+Threads: the decode threads run torch single-threaded (they are the parallelism of decoding);
+the inference thread runs with ``inference_threads`` intra-op threads, set explicitly in that
+thread, because a thread that never sets its count inherits whatever count another thread set
+last (here: the decode threads' 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from fastapi import Request
+
+from server.backend import BackendLoader, EmbeddingBackend, load_backend
+from server.batcher import BatcherClosedError, BatchTiming, DynamicBatcher, QueueFullError
+from server.errors import APIError
+from server.inputs import image_error
+from server.metrics import ServerMetrics
+from server.settings import ServerSettings
+from ssole_hub import Output
+
+__all__ = ["LOADING_RETRY_AFTER_S", "MACHINE_THREADS", "Embedded", "EmbeddingService"]
+
+log = logging.getLogger("server")
+
+LOADING_RETRY_AFTER_S = 5
+"""Seconds a client is told to wait while the model loads."""
+
+MACHINE_THREADS = torch.get_num_threads()
+"""torch's intra-op default here (one per physical core), read at import, before any decode
+thread lowers the count that new threads inherit."""
+
+
+@dataclass
+class Embedded:
+    """One request's vectors and where its time went."""
+
+    vectors: list[Any]
+    timing: BatchTiming
+    decode_s: float
+    total_s: float
+
+
+@dataclass
+class EmbeddingService:
+    """Model, decode pool and batcher of one server; see the module docstring.
+
+    Args:
+        settings: the server's settings.
+        loader: builds the backend (default :func:`~server.backend.load_backend`).
+        on_load_failure: called once if the model cannot be loaded (``python -m server`` stops).
+    """
+
+    settings: ServerSettings
+    loader: BackendLoader = load_backend
+    on_load_failure: Callable[[], None] | None = None
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    created: int = field(default_factory=lambda: int(time.time()))
+    backend: EmbeddingBackend | None = None
+    batcher: DynamicBatcher | None = None
+    load_error: str | None = None
+    _decode_pool: ThreadPoolExecutor | None = None
+    _loading: asyncio.Task | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Loaded, warmed and accepting work."""
+        return self.batcher is not None and self.batcher.running
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the decode pool and load the model in the background (``/health`` answers
+        meanwhile)."""
+        self._decode_pool = ThreadPoolExecutor(
+            self.settings.decode_threads,
+            thread_name_prefix="decode",
+            initializer=torch.set_num_threads,
+            initargs=(1,),
+        )
+        self._loading = asyncio.create_task(self._bring_up())
+
+    async def stop(self) -> None:
+        """Cancel loading, stop the batcher (queued work fails with 503) and the decode pool."""
+        if self._loading is not None:
+            self._loading.cancel()
+            await asyncio.gather(self._loading, return_exceptions=True)
+        if self.batcher is not None:
+            await self.batcher.stop()
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _bring_up(self) -> None:
+        s = self.settings
+        threads = s.inference_threads or MACHINE_THREADS
+        try:
+            backend = await asyncio.to_thread(self._in_inference_threads, self.loader, s, threads)
+            if s.warmup:
+                await asyncio.to_thread(
+                    self._in_inference_threads, backend.warmup, s.max_batch_size, threads
+                )
+            batcher = DynamicBatcher(
+                backend.infer,
+                max_batch_size=s.max_batch_size,
+                max_wait_s=s.max_batch_wait_ms / 1000,
+                max_queue=s.max_queue,
+                metrics=self.metrics,
+                thread_init=lambda: torch.set_num_threads(threads),
+            )
+            await batcher.start()
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("could not load model %r: %s", s.model, self.load_error)
+            if self.on_load_failure is not None:
+                self.on_load_failure()
+            return
+        self.backend, self.batcher = backend, batcher
+        log.info(
+            "model %r ready: outputs %s, %d inference threads, %d decode threads",
+            s.model_id, backend.dimensions, threads, s.decode_threads,
+        )  # fmt: skip
+
+    @staticmethod
+    def _in_inference_threads(fn: Callable[..., Any], arg: Any, threads: int) -> Any:
+        torch.set_num_threads(threads)
+        return fn(arg)
+
+    # --- the pipeline -----------------------------------------------------------------------
+
+    def ready_parts(self) -> tuple[EmbeddingBackend, DynamicBatcher]:
+        """The backend and batcher, or the 503 that says why there are none yet."""
+        if self.backend is None or self.batcher is None or not self.batcher.running:
+            if self.load_error:
+                raise self.load_failed()
+            raise APIError.unavailable(
+                "model_not_ready", "model is loading; retry shortly", LOADING_RETRY_AFTER_S
+            )
+        return self.backend, self.batcher
+
+    def load_failed(self) -> APIError:
+        """The 503 answered once the model failed to load."""
+        message = f"model failed to load: {self.load_error}"
+        return APIError(503, "model_load_failed", message, type="server_error")
+
+    def check_request(self, n_items: int, output: Output | None) -> Output:
+        """Check a request's size, output and the queue's room before any decoding; returns the
+        output to compute.
+
+        Raises:
+            APIError: 503 not ready / queue full, 422 no images, 413 too many, 400 no output.
+        """
+        backend, batcher = self.ready_parts()
+        if n_items == 0:
+            raise APIError(422, "validation_error", "no images in the request")
+        if n_items > self.settings.max_items:
+            raise APIError.too_large(
+                "too_many_items",
+                f"{n_items} images in one request; the limit is {self.settings.max_items}",
+            )
+        chosen = output or self.settings.default_output
+        if chosen not in backend.dimensions:
+            raise APIError.bad_request(
+                "output_unavailable",
+                f"output {chosen!r} is not available for this model; available: "
+                f"{', '.join(sorted(backend.dimensions))}",
+            )
+        try:
+            batcher.check_capacity(n_items)
+        except QueueFullError as exc:
+            raise self._queue_full(exc) from exc
+        return chosen
+
+    def _queue_full(self, exc: QueueFullError) -> APIError:
+        self.metrics.rejected.labels("queue_full").inc()
+        return APIError.unavailable("queue_full", str(exc), exc.retry_after_s)
+
+    async def embed(
+        self,
+        request: Request,
+        items: Sequence[Callable[[], bytes]],
+        names: Sequence[str],
+        *,
+        output: Output | None,
+        normalize: bool,
+    ) -> Embedded | None:
+        """Decode, queue and embed one request's ``items`` (thunks giving encoded bytes).
+
+        Returns ``None`` if the client went away before its vectors were computed.
+
+        Raises:
+            APIError: as :meth:`check_request`, or the first bad image's 400 / 413 / 415.
+        """
+        started = time.perf_counter()
+        chosen = self.check_request(len(items), output)
+        backend, batcher = self.ready_parts()
+        images = await self._decode(backend, items, names)
+        decode_s = time.perf_counter() - started
+        work = asyncio.ensure_future(batcher.submit([(x, normalize) for x in images], chosen))
+        gone = asyncio.ensure_future(_wait_for_disconnect(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                # The client went away: drop its queued images instead of computing them.
+                work.cancel()
+        if work.cancelled():
+            return None
+        try:
+            vectors, timing = work.result()
+        except QueueFullError as exc:
+            raise self._queue_full(exc) from exc
+        except BatcherClosedError as exc:
+            raise APIError.unavailable("model_not_ready", str(exc), LOADING_RETRY_AFTER_S) from exc
+        return Embedded(vectors, timing, decode_s, time.perf_counter() - started)
+
+    async def _decode(
+        self,
+        backend: EmbeddingBackend,
+        items: Sequence[Callable[[], bytes]],
+        names: Sequence[str],
+    ) -> list[torch.Tensor]:
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(
+            *(loop.run_in_executor(self._decode_pool, _prepare, backend, get) for get in items),
+            return_exceptions=True,
+        )
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, BaseException):
+                error = image_error(result, name)
+                self.metrics.decode_errors.labels(error.code).inc()
+                raise error
+        return list(results)
+
+
+def _prepare(backend: EmbeddingBackend, get_bytes: Callable[[], bytes]) -> torch.Tensor:
+    return backend.prepare(get_bytes())
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Return when the client disconnects (the body has been read, so only that can arrive)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
