@@ -6,9 +6,10 @@ decode pool (a bad image fails only its own request), queue the decoded images w
 batcher, and wait for their vectors while watching for a client that goes away.
 
 Threads: the decode threads run torch single-threaded (they are the parallelism of decoding);
-the inference thread runs with ``inference_threads`` intra-op threads, set explicitly in that
-thread, because a thread that never sets its count inherits whatever count another thread set
-last (here: the decode threads' 1).
+the inference thread runs with ``inference_threads`` intra-op threads. Each sets its count with
+:func:`use_intra_op_threads`: torch initialises a thread's count lazily, on its first parallel
+operation, from whatever count any thread set last, so a count set before that first operation
+is silently replaced (before, the forward pass ran on the decode threads' 1).
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ from server.metrics import ServerMetrics
 from server.settings import ServerSettings
 from ssole_hub import Output
 
-__all__ = ["LOADING_RETRY_AFTER_S", "MACHINE_THREADS", "Embedded", "EmbeddingService"]
+__all__ = [
+    "LOADING_RETRY_AFTER_S",
+    "MACHINE_THREADS",
+    "Embedded",
+    "EmbeddingService",
+    "use_intra_op_threads",
+]
 
 log = logging.getLogger("server")
 
@@ -42,6 +49,12 @@ LOADING_RETRY_AFTER_S = 5
 MACHINE_THREADS = torch.get_num_threads()
 """torch's intra-op default here (one per physical core), read at import, before any decode
 thread lowers the count that new threads inherit."""
+
+
+def use_intra_op_threads(n: int) -> None:
+    """Run torch ops of the calling thread with ``n`` intra-op threads, for good."""
+    torch.get_num_threads()  # runs the thread's lazy initialisation now, so it cannot undo n
+    torch.set_num_threads(n)
 
 
 @dataclass
@@ -88,7 +101,7 @@ class EmbeddingService:
         self._decode_pool = ThreadPoolExecutor(
             self.settings.decode_threads,
             thread_name_prefix="decode",
-            initializer=torch.set_num_threads,
+            initializer=use_intra_op_threads,
             initargs=(1,),
         )
         self._loading = asyncio.create_task(self._bring_up())
@@ -118,7 +131,7 @@ class EmbeddingService:
                 max_wait_s=s.max_batch_wait_ms / 1000,
                 max_queue=s.max_queue,
                 metrics=self.metrics,
-                thread_init=lambda: torch.set_num_threads(threads),
+                thread_init=lambda: use_intra_op_threads(threads),
             )
             await batcher.start()
         except Exception as exc:
@@ -135,7 +148,7 @@ class EmbeddingService:
 
     @staticmethod
     def _in_inference_threads(fn: Callable[..., Any], arg: Any, threads: int) -> Any:
-        torch.set_num_threads(threads)
+        use_intra_op_threads(threads)
         return fn(arg)
 
     # --- the pipeline -----------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from ssole_hub.models import RECIPE_MEAN, RECIPE_STD
 from training.objectives import METHODS
 
 __all__ = [
@@ -33,8 +34,6 @@ __all__ = [
     "load_config",
 ]
 
-RECIPE_MEAN = (0.485, 0.456, 0.406)
-RECIPE_STD = (0.228, 0.224, 0.225)
 DATASETS = ("folder", "fashion-mnist", "digits", "synthetic")
 
 

@@ -1,4 +1,5 @@
-"""One extractor, one forward pass: requests that differ only in ``normalize`` share a batch."""
+"""The inference thread: one forward pass for requests that differ only in ``normalize``, run
+with every intra-op thread the machine gives."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import time
 import httpx
 import numpy as np
 import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.backend import load_backend
+from server.service import MACHINE_THREADS
 
 pytestmark = pytest.mark.slow
 
@@ -92,3 +95,27 @@ def test_requests_differing_only_in_normalize_share_one_forward_pass(
     assert np.abs(got_unit - want_unit).max() <= 1e-5
     assert np.abs(got_raw - want_raw).max() <= 1e-5
     assert abs(np.linalg.norm(got_raw) - 1) > 1e-2  # the raw row really is not unit-norm
+
+
+def test_the_forward_pass_uses_every_intra_op_thread_after_decoding(make_server, photo_jpegs):
+    """Decode threads run torch single-threaded; a thread that never sets its own count would
+    inherit their 1. The inference thread must still run with the machine's count."""
+    seen: list[int] = []
+
+    class Recording:
+        def __init__(self, inner) -> None:
+            self.inner = inner
+            self.dimensions, self.prepare, self.warmup = (
+                inner.dimensions, inner.prepare, inner.warmup,
+            )  # fmt: skip
+
+        def infer(self, items, key):
+            seen.append(torch.get_num_threads())
+            return self.inner.infer(items, key)
+
+    srv = make_server(loader=lambda s: Recording(load_backend(s)))  # 2 decode threads
+    image = "data:image/jpeg;base64," + base64.b64encode(photo_jpegs[0]).decode()
+    with srv.client() as c:
+        for _ in range(3):  # the decode threads exist (and set 1) before the later passes
+            assert c.post("/v1/embeddings", json={"input": [image] * 2}).status_code == 200
+    assert seen and set(seen) == {MACHINE_THREADS}
