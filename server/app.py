@@ -260,6 +260,7 @@ async def list_models(request: Request) -> ModelList:
         created=service.created,
         ready=service.ready,
         dimensions=dict(service.backend.dimensions) if service.backend else {},
+        backend=service.backend.backend_name if service.backend else None,
     )
     return ModelList(data=[card])
 

@@ -39,6 +39,9 @@ class EmbeddingBackend(Protocol):
     dimensions: dict[str, int]
     """Embedding size per available output (``backbone``, and ``projector`` if present)."""
 
+    backend_name: str
+    """What runs the forward pass (``torch``, ``onnx``, ``onnx-int8``), shown by ``/v1/models``."""
+
     def prepare(self, data: bytes) -> torch.Tensor:
         """Decode and preprocess one encoded image; raises ``ssole_hub.images`` errors."""
         ...
@@ -66,6 +69,7 @@ class ExtractorBackend:
     def __init__(self, extractor: FeatureExtractor) -> None:
         self.extractor = extractor
         self.dimensions: dict[str, int] = dict(extractor.dims)
+        self.backend_name: str = extractor.backend
 
     def prepare(self, data: bytes) -> torch.Tensor:
         """Decode ``data`` with the extractor's limits and apply the model's eval transform."""
@@ -85,7 +89,8 @@ class ExtractorBackend:
 
 
 def load_backend(settings: ServerSettings) -> ExtractorBackend:
-    """Load ``settings.model`` once, with its projector when it has one.
+    """Load ``settings.model`` once, with its projector when it has one, on ``settings.backend``
+    (ONNX Runtime sessions take the calling thread's torch thread count: the inference threads).
 
     Raises:
         ValueError, FileNotFoundError, ssole_hub.HubFolderError: from the model loader.
@@ -98,6 +103,7 @@ def load_backend(settings: ServerSettings) -> ExtractorBackend:
         dtype=settings.dtype,
         max_bytes=settings.max_image_bytes,
         max_pixels=settings.max_image_pixels,
+        backend=settings.backend,
     )
-    log.info("loaded %s: outputs %s", settings.model, extractor.dims)
+    log.info("loaded %s: outputs %s, backend %s", settings.model, extractor.dims, extractor.backend)
     return ExtractorBackend(extractor)

@@ -89,6 +89,10 @@ class ModelCard(BaseModel):
     dimensions: dict[str, int] = Field(
         default_factory=dict, description="embedding size per available `output`"
     )
+    backend: str | None = Field(
+        default=None,
+        description="what runs the forward pass once loaded: `torch`, `onnx` or `onnx-int8`",
+    )
 
 
 class ModelList(BaseModel):

@@ -28,6 +28,7 @@ from ssole_hub.models import (
     ssole_resnet18,
     ssole_resnet50,
 )
+from ssole_hub.onnx_export import export_onnx
 from ssole_hub.preprocessing import Preprocessing, resolve_preprocessing
 
 __version__ = "0.1.0"
@@ -49,6 +50,7 @@ __all__ = [
     "__version__",
     "decode_image",
     "export_hub_folder",
+    "export_onnx",
     "l2_normalize",
     "load_model",
     "nuclear_norm",

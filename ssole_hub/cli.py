@@ -18,10 +18,25 @@ def _build_parser() -> argparse.ArgumentParser:
 
     # --- export / validate / push (ssole_hub.hub) ---------------------------------------------
     p = sub.add_parser(
-        "export", help="export a training checkpoint as a timm-compatible hub folder"
+        "export",
+        help="export a training checkpoint as a timm-compatible hub folder (--onnx: add ONNX files)",
     )
-    p.add_argument("--checkpoint", required=True, help="training checkpoint (.pt)")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="training checkpoint (.pt); without it, --onnx adds ONNX files to the folder --out",
+    )
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write onnx/model.onnx (float32), checked against torch on real photos",
+    )
+    p.add_argument(
+        "--calibration",
+        default=None,
+        help="real photos (folder or list file) to calibrate and check onnx/model_int8.onnx on",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.add_argument(
         "--eval-results", default=None, help="JSON file of measured results for the model card"
@@ -75,13 +90,28 @@ def _build_parser() -> argparse.ArgumentParser:
         help="decode large JPEGs at a reduced scale (faster; embeddings differ slightly)",
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "onnx", "onnx-int8", "auto"),
+        help="forward pass: torch, or ONNX Runtime on the CPU (the folder's onnx/ files); "
+        "auto = the fastest checked one the folder has",
+    )
     p.set_defaults(func=_extract)
     return parser
 
 
 def _export(args: argparse.Namespace) -> int:
     from ssole_hub.hub import export_hub_folder
+    from ssole_hub.onnx_export import export_onnx
 
+    if args.checkpoint is None:
+        if not args.onnx:
+            raise ValueError("give --checkpoint, or --onnx to add ONNX files to the folder --out")
+        _print_onnx(export_onnx(args.out, calibration=args.calibration))
+        return 0
+    if args.calibration and not args.onnx:
+        raise ValueError("--calibration calibrates the int8 ONNX file: add --onnx")
     results = None
     if args.eval_results:
         results = json.loads(Path(args.eval_results).read_text())
@@ -95,7 +125,15 @@ def _export(args: argparse.Namespace) -> int:
         repo_id=args.repo,
     )
     print(out)
+    if args.onnx:
+        _print_onnx(export_onnx(out, calibration=args.calibration))
     return 0
+
+
+def _print_onnx(record: dict) -> None:
+    for figures in record["backends"].values():
+        cosines = ", ".join(f"{k} {v:.6f}" for k, v in figures["min_cosine"].items())
+        print(f"{figures['file']}: min cosine to torch {cosines} (limit {figures['limit']})")
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -142,6 +180,7 @@ def _extract(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         compile=args.compile,
         fast_decode=args.fast_decode,
+        backend=args.backend,
         progress=not args.no_progress,
         **limits,
     )

@@ -184,6 +184,7 @@ def _read_marker(out: Path, k: int, file_format: FileFormat) -> dict[str, Any] |
 def _fingerprint(fx: FeatureExtractor, options: _Options, paths: list[str], shard_size: int) -> str:
     run = {
         "model_id": fx.model_id,
+        "backend": fx.backend,
         "output": options.output,
         "normalize": options.normalize,
         "data_config": fx.data_config,
@@ -233,6 +234,7 @@ def extract_dataset(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     fast_decode: bool = False,
+    backend: str = "torch",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Embed every image of ``inputs`` into sharded files under ``out_dir``; resumable.
@@ -254,6 +256,8 @@ def extract_dataset(
         max_bytes, max_pixels: decoder limits; larger files are skipped and listed as errors.
         fast_decode: decode large JPEGs at a reduced scale (see
             :meth:`FeatureExtractor.from_pretrained`); recorded in the manifest.
+        backend: ``"torch"``, ``"onnx"``, ``"onnx-int8"`` or ``"auto"`` (see
+            :meth:`FeatureExtractor.from_pretrained`); the one used is in the manifest.
         progress: show a progress bar (rank 0).
 
     Returns:
@@ -285,6 +289,7 @@ def extract_dataset(
                 max_bytes=max_bytes,
                 max_pixels=max_pixels,
                 fast_decode=fast_decode,
+                backend=backend,
             )
         options = _Options(output, normalize, file_format)
         if output not in fx.dims:
@@ -441,6 +446,7 @@ def _write_manifest(
         "dim": fx.dims[options.output],
         "dtype": "float32",
         "compute_dtype": str(fx.dtype).removeprefix("torch."),
+        "backend": fx.backend,
         "preprocessing": {**fx.data_config, "draft_size": fx.decode_options.get("draft_size")},
         "input": os.fspath(inputs) if isinstance(inputs, str | os.PathLike) else None,
         "file_format": options.file_format,

@@ -3,7 +3,10 @@
 Preprocessing is never written here: it comes from the one resolver,
 :func:`ssole_hub.preprocessing.resolve_preprocessing` (timm's eval transform from the model's own
 pretrained config), so the extractor, ``ssole-hub extract``, the server and evaluation all feed a
-model exactly what it was trained for. The forward pass is :class:`ssole_hub.models.SSOLEModel`'s.
+model exactly what it was trained for. The forward pass is
+:class:`ssole_hub.models.SSOLEModel`'s (``backend="torch"``) or an ONNX Runtime session's
+(:class:`ssole_hub.onnx_backend.OnnxModel`, ``"onnx"`` / ``"onnx-int8"``), called the same way;
+nothing else differs between backends.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from ssole_hub.images import (
     to_rgb,
 )
 from ssole_hub.models import Output, SSOLEModel, l2_normalize
+from ssole_hub.onnx_backend import Backend, OnnxModel, choose_backend
 from ssole_hub.preprocessing import resolve_preprocessing
 
 __all__ = ["FeatureExtractor", "ImageInput", "resolve_dtype"]
@@ -68,6 +72,13 @@ def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torc
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     return dtype
+
+
+def _device(device: torch.device | str | None) -> torch.device:
+    """``device``, or CUDA when available, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _inference_model(model: nn.Module) -> SSOLEModel:
@@ -137,13 +148,14 @@ class FeatureExtractor:
         transform: timm's eval transform, RGB PIL image -> ``(3, H, W)`` float tensor.
         device: where the forward pass runs.
         dtype: compute dtype (autocast below float32); outputs are always float32.
+        backend: what runs the forward pass: ``"torch"``, ``"onnx"`` or ``"onnx-int8"``.
         decode_options: keyword arguments this extractor passes to
             :func:`ssole_hub.images.decode_image` (limits, ``draft_size``).
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | OnnxModel,
         *,
         model_id: str | None = None,
         device: torch.device | str | None = None,
@@ -157,14 +169,26 @@ class FeatureExtractor:
 
         ``model`` (a timm backbone, an :class:`~ssole_hub.models.SSOLEModel`, or any module with
         ``.backbone`` and ``.projector``) is copied: the extractor runs an eval-mode copy on
-        ``device`` and never changes the module it was given.
+        ``device`` and never changes the module it was given. An :class:`OnnxModel` runs as is,
+        on the CPU in float32, with preprocessing from its folder's ``config.json``.
+
+        Raises:
+            ValueError: an :class:`OnnxModel` with a non-CPU device, a dtype below float32 or
+                ``compile``.
         """
-        self.device = torch.device(
-            device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-        )
+        self.device = _device(device)
         self.dtype = resolve_dtype(dtype, self.device)
-        self.model_id = model_id or _model_id(model)
-        self.data_config, self.transform = resolve_preprocessing(model)
+        if isinstance(model, OnnxModel):
+            if self.device.type != "cpu" or self.dtype != torch.float32 or compile:
+                raise ValueError(
+                    f"backend {model.backend!r} runs on the CPU in float32 without compile; got "
+                    f"device {self.device}, dtype {self.dtype}, compile={compile}"
+                )
+            self.model_id = model_id or str(model.path)
+            self.data_config, self.transform = resolve_preprocessing(model.pretrained_cfg)
+        else:
+            self.model_id = model_id or _model_id(model)
+            self.data_config, self.transform = resolve_preprocessing(model)
         draft_size = None
         if fast_decode:
             # timm's eval transform resizes the shorter side to input_size / crop_pct.
@@ -173,8 +197,13 @@ class FeatureExtractor:
         self.decode_options: dict[str, Any] = dict(
             max_bytes=max_bytes, max_pixels=max_pixels, draft_size=draft_size
         )
-        # channels_last lets cuDNN and oneDNN pick their fastest convolution kernels.
-        self.model = _inference_model(model).to(self.device, memory_format=torch.channels_last)
+        self.backend: Backend = "torch"
+        if isinstance(model, OnnxModel):
+            self.backend = model.backend
+            self.model: SSOLEModel | OnnxModel = model
+        else:
+            # channels_last lets cuDNN and oneDNN pick their fastest convolution kernels.
+            self.model = _inference_model(model).to(self.device, memory_format=torch.channels_last)
         self.dims: dict[Output, int] = self.model.output_dims
         self._run = torch.compile(self.model) if compile else self.model
 
@@ -192,6 +221,7 @@ class FeatureExtractor:
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         fast_decode: bool = False,
+        backend: str = "torch",
     ) -> FeatureExtractor:
         """Load a model and wrap it for embedding.
 
@@ -212,10 +242,19 @@ class FeatureExtractor:
             fast_decode: decode large JPEGs at a reduced DCT scale that still covers the
                 model's resize size (``draft_size`` of :func:`ssole_hub.images.decode_image`):
                 much less decoding work, embeddings slightly different from a full decode.
+            backend: what runs the forward pass (preprocessing is the same for all):
+                ``"torch"``; ``"onnx"`` / ``"onnx-int8"``: ONNX Runtime on the CPU with the
+                hub folder's ``onnx/model.onnx`` / ``onnx/model_int8.onnx`` (written by
+                ``ssole-hub export --onnx``); ``"auto"``: torch on CUDA, and on a CPU the first
+                of ``onnx-int8``, ``onnx``, ``torch`` that the folder has and that passed its
+                fidelity check at export (logged; see
+                :func:`ssole_hub.onnx_backend.choose_backend`).
 
         Raises:
-            ValueError: a bad ``dtype``, or errors from loading the model.
-            FileNotFoundError: a path that does not exist.
+            ValueError: a bad ``dtype`` or ``backend``, an ONNX backend for a source that is
+                not a hub folder, or errors from loading the model.
+            FileNotFoundError: a path that does not exist, or a folder without the requested
+                ONNX file (the message names the export command).
             ssole_hub.HubFolderError: ``with_projector=True`` for a model without a projector,
                 or an unreadable folder.
         """
@@ -227,11 +266,19 @@ class FeatureExtractor:
             max_pixels=max_pixels,
             fast_decode=fast_decode,
         )
+        chosen = choose_backend(backend, model, _device(device))
         if isinstance(model, nn.Module):
+            if chosen != "torch":
+                raise ValueError(f"backend {chosen!r} needs a hub folder, not a built module")
             return cls(model, model_id=model_id, **kwargs)
         from ssole_hub.loading import load_model
 
         name = os.fspath(model)
+        if chosen != "torch":
+            onnx_model = OnnxModel.from_folder(name, chosen)
+            if with_projector and "projector" not in onnx_model.output_dims:
+                raise ValueError(f"{onnx_model.path} has no projector output")
+            return cls(onnx_model, model_id=model_id or name, **kwargs)
         module = load_model(name, pretrained=pretrained, with_projector=with_projector)
         return cls(module, model_id=model_id or name, **kwargs)
 
@@ -387,5 +434,5 @@ class FeatureExtractor:
     def __repr__(self) -> str:
         return (
             f"FeatureExtractor(model_id={self.model_id!r}, dims={self.dims}, "
-            f"device={self.device}, dtype={self.dtype})"
+            f"device={self.device}, dtype={self.dtype}, backend={self.backend!r})"
         )

@@ -46,6 +46,7 @@ from ssole_hub.hub_format import (
 from ssole_hub.loading import load_model
 from ssole_hub.model_card import render_model_card
 from ssole_hub.models import HUB_ORG
+from ssole_hub.onnx_backend import ONNX_FILES, check_session, open_session
 
 __all__ = [
     "CONFIG_FILE",
@@ -76,6 +77,7 @@ class HubFolder:
     projector_config: dict[str, Any] | None
     metadata: dict[str, Any] = field(default_factory=dict)
     eval_results: dict[str, Any] = field(default_factory=dict)
+    onnx_files: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         proj = (
@@ -86,6 +88,7 @@ class HubFolder:
         return (
             f"valid hub folder {self.path}: {self.architecture} (timm {self.timm_architecture}), "
             f"{self.num_features} features, {proj}"
+            + (f", ONNX {', '.join(self.onnx_files)}" if self.onnx_files else "")
         )
 
 
@@ -270,10 +273,29 @@ def export_hub_folder(
     return out
 
 
+def _check_onnx_files(path: Path, backbone: nn.Module, projector_config: Any) -> list[str]:
+    """Open each ONNX file the folder has; its input must fit ``config.json`` and its outputs
+    the backbone's features and the projector's width (no projector output without one)."""
+    expected = {"backbone": backbone.num_features}
+    if projector_config:
+        expected["projector"] = int(projector_config["out_dim"])
+    found = []
+    for name in ONNX_FILES.values():
+        if not (path / name).is_file():
+            continue
+        session = open_session(path / name, name, threads=1)
+        dims = check_session(session, path / name, dict(backbone.pretrained_cfg))
+        if dims != expected:
+            raise HubFolderError(f"{name} has outputs {dims}; the folder's config says {expected}")
+        found.append(name)
+    return found
+
+
 def validate_hub_folder(folder: str | os.PathLike[str]) -> HubFolder:
     """Check a hub folder completely: every file present and readable, ``config.json`` loads in
-    timm, the weights fit the architecture (keys and shapes), the projector fits the backbone, and
-    the model card has the Hub front matter. Returns what it found.
+    timm, the weights fit the architecture (keys and shapes), the projector fits the backbone,
+    the model card has the Hub front matter, and any ONNX files (``onnx/``) load in ONNX Runtime
+    with the input and output widths the config gives. Returns what it found.
 
     Raises:
         FileNotFoundError: if the folder or one of its files is missing.
@@ -301,6 +323,7 @@ def validate_hub_folder(folder: str | os.PathLike[str]) -> HubFolder:
         projector_config=projector_config or None,
         metadata=dict(ssole.get("metadata") or {}),
         eval_results=dict(ssole.get("eval_results") or {}),
+        onnx_files=_check_onnx_files(path, backbone, projector_config),
     )
 
 
@@ -337,6 +360,6 @@ def push_to_hub(
         folder_path=info.path,
         revision=revision,
         repo_type="model",
-        allow_patterns=list(HUB_FILES),
+        allow_patterns=[*HUB_FILES, *ONNX_FILES.values()],
         commit_message=commit_message or f"Upload SSOLE {info.architecture} hub folder",
     )

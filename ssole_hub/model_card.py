@@ -7,7 +7,7 @@ from typing import Any
 
 from huggingface_hub import ModelCardData
 
-__all__ = ["SOURCE_REPO", "render_model_card"]
+__all__ = ["SOURCE_REPO", "render_model_card", "with_onnx_section"]
 
 SOURCE_REPO = "ssole-hub/ssole-hub"
 """GitHub ``owner/name`` of this project, for the ``torch.hub.load`` example."""
@@ -177,3 +177,45 @@ curl -s http://localhost:8000/v1/embeddings -H 'Content-Type: application/json' 
 {CITATION}
 ```
 """
+
+
+ONNX_SECTION = "## ONNX Runtime"
+
+
+def _onnx_section(record: Mapping[str, Any]) -> str:
+    photos = record.get("guard_photos") or {}
+    lines = [
+        ONNX_SECTION,
+        "",
+        "`onnx/` holds ONNX exports for fast CPU inference (input `images`, dynamic batch; outputs"
+        " `backbone` and, with a projector, `projector`). Each was checked against float32 torch"
+        f" on {photos.get('count', '?')} real photos ({photos.get('source', '?')}); the smallest"
+        " cosine similarity per output:",
+        "",
+        "| backend | file | output | min cosine | limit |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for backend, figures in (record.get("backends") or {}).items():
+        for output, cosine in figures["min_cosine"].items():
+            lines.append(
+                f"| {backend} | `{figures['file']}` | {output} | {cosine:.6f} | {figures['limit']} |"
+            )
+    lines += [
+        "",
+        "```bash",
+        "python -m server --model local-dir:FOLDER --backend onnx-int8  # or onnx, torch, auto",
+        "```",
+    ]
+    return "\n".join(lines) + "\n\n"
+
+
+def with_onnx_section(card: str, record: Mapping[str, Any]) -> str:
+    """``card`` with its ONNX Runtime section (fidelity figures of ``record``, the ``"onnx"``
+    entry of ``ssole.json``) written or replaced, before the citation."""
+    start = card.find(ONNX_SECTION)
+    if start >= 0:
+        end = card.find("\n## ", start + len(ONNX_SECTION))
+        card = card[:start] + (card[end + 1 :] if end >= 0 else "")
+    anchor = card.find("## Citation")
+    anchor = anchor if anchor >= 0 else len(card)
+    return card[:anchor] + _onnx_section(record) + card[anchor:]

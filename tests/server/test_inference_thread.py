@@ -30,6 +30,7 @@ class GatedBackend:
     def __init__(self, inner, gate: threading.Event) -> None:
         self.inner, self.gate, self.entered = inner, gate, threading.Event()
         self.dimensions, self.prepare, self.warmup = inner.dimensions, inner.prepare, inner.warmup
+        self.backend_name = inner.backend_name
 
     def infer(self, items, key):
         self.entered.set()
@@ -108,6 +109,7 @@ def test_the_forward_pass_uses_every_intra_op_thread_after_decoding(make_server,
             self.dimensions, self.prepare, self.warmup = (
                 inner.dimensions, inner.prepare, inner.warmup,
             )  # fmt: skip
+            self.backend_name = inner.backend_name
 
         def infer(self, items, key):
             seen.append(torch.get_num_threads())

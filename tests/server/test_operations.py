@@ -54,6 +54,7 @@ class PausedBackend:
         self.inner = inner
         self.gate = gate
         self.dimensions = inner.dimensions
+        self.backend_name = inner.backend_name
         self.prepare = inner.prepare
         self.warmup = inner.warmup
 

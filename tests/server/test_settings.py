@@ -35,6 +35,13 @@ def test_model_id_is_the_name_clients_use(model, served, expected):
     assert ServerSettings(model=model, served_model_name=served).model_id == expected
 
 
+def test_backend_comes_from_the_environment_or_the_flag(monkeypatch):
+    assert ServerSettings(model="m").backend == "auto"
+    monkeypatch.setenv("SSOLE_SERVER_BACKEND", "onnx")
+    assert settings_from_args(["--model", "m"]).backend == "onnx"
+    assert settings_from_args(["--model", "m", "--backend", "onnx-int8"]).backend == "onnx-int8"
+
+
 def test_empty_api_key_means_no_key(monkeypatch):
     monkeypatch.setenv("SSOLE_SERVER_API_KEY", "")
     assert ServerSettings(model="m").api_key is None
@@ -46,6 +53,7 @@ def test_empty_api_key_means_no_key(monkeypatch):
         ({"max_batch_size": 0}, "max_batch_size"),
         ({"max_batch_wait_ms": -1}, "max_batch_wait_ms"),
         ({"dtype": "int8"}, "dtype"),
+        ({"backend": "openvino"}, "backend"),
         ({"max_items": 100, "max_queue": 10}, "max_items"),
         ({"port": 70000}, "port"),
     ],

@@ -1,0 +1,213 @@
+"""ONNX Runtime backends: export guarded against torch on real photos, loading, failures, extract."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from ssole_hub import (
+    FeatureExtractor,
+    HubFolderError,
+    SSOLEModel,
+    SSOLEProjector,
+    export_hub_folder,
+    export_onnx,
+    validate_hub_folder,
+)
+from ssole_hub.cli import main
+from ssole_hub.extract import read_embeddings
+from ssole_hub.onnx_backend import FIDELITY_LIMITS, ONNX_FILES
+
+REPO = Path(__file__).resolve().parents[2]
+PX = 64
+
+
+@pytest.fixture(scope="module")
+def plain_folder(tmp_path_factory) -> Path:
+    """A real hub folder of a seeded SSOLE ResNet-18 at 64 px with a 512 -> 64 -> 32 projector."""
+    torch.manual_seed(0)
+    backbone = timm.create_model(
+        "ssole_resnet18",
+        num_classes=0,
+        pretrained_cfg_overlay={"input_size": (3, PX, PX), "crop_pct": 1.0},
+    )
+    encoder = SSOLEModel(backbone, SSOLEProjector(512, 64, 32, depth=2)).eval()
+    return export_hub_folder(encoder, tmp_path_factory.mktemp("hub") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def jpeg_dir(photo_jpegs, tmp_path_factory) -> Path:
+    """scikit-image's photos as JPEG files: calibration and test images."""
+    root = tmp_path_factory.mktemp("jpegs")
+    for i, jpeg in enumerate(photo_jpegs):
+        (root / f"photo{i}.jpg").write_bytes(jpeg)
+    return root
+
+
+@pytest.fixture(scope="module")
+def onnx_folder(plain_folder, jpeg_dir, tmp_path_factory) -> Path:
+    """The folder with both ONNX files, int8 calibrated on the JPEGs."""
+    folder = tmp_path_factory.mktemp("onnx") / "tiny"
+    shutil.copytree(plain_folder, folder)
+    export_onnx(folder, calibration=jpeg_dir)
+    return folder
+
+
+def _copy(folder: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(folder, tmp_path / folder.name))
+
+
+def _embed(folder: Path, backend: str, images: list, output: str, normalize: bool):
+    fx = FeatureExtractor.from_pretrained(
+        folder, backend=backend, with_projector=None, device="cpu"
+    )
+    return fx.embed(images, batch_size=4, output=output, normalize=normalize)
+
+
+@pytest.mark.parametrize("output", ["backbone", "projector"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_float32_onnx_equals_torch_on_real_photos(onnx_folder, jpeg_dir, output, normalize):
+    images = sorted(jpeg_dir.glob("*.jpg"))
+    reference = _embed(onnx_folder, "torch", images, output, normalize)
+    got = _embed(onnx_folder, "onnx", images, output, normalize)
+    assert got.shape == reference.shape == (len(images), 512 if output == "backbone" else 32)
+    torch.testing.assert_close(got, reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("output", ["backbone", "projector"])
+def test_int8_keeps_cosine_to_float32_above_its_limit(onnx_folder, jpeg_dir, output):
+    images = sorted(jpeg_dir.glob("*.jpg"))
+    reference = _embed(onnx_folder, "torch", images, output, False)
+    got = _embed(onnx_folder, "onnx-int8", images, output, False)
+    cosine = F.cosine_similarity(got, reference, dim=1)
+    assert cosine.min() >= 0.99
+    assert not torch.allclose(got, reference, atol=1e-6)  # it really is another computation
+
+
+def test_export_records_its_figures_in_ssole_json_and_the_card(onnx_folder):
+    record = json.loads((onnx_folder / "ssole.json").read_text())["onnx"]
+    assert record["guard_photos"] == {"source": "calibration", "count": 6}
+    assert set(record["backends"]) == {"onnx", "onnx-int8"}
+    for backend, figures in record["backends"].items():
+        assert set(figures["min_cosine"]) == {"backbone", "projector"}
+        assert min(figures["min_cosine"].values()) >= FIDELITY_LIMITS[backend]
+    card = (onnx_folder / "README.md").read_text()
+    int8 = record["backends"]["onnx-int8"]["min_cosine"]["backbone"]
+    assert f"| onnx-int8 | `onnx/model_int8.onnx` | backbone | {int8:.6f} | 0.99 |" in card
+    assert card.index("## ONNX Runtime") < card.index("## Citation")
+
+
+def test_onnx_files_take_images_and_give_both_outputs_with_dynamic_batch(onnx_folder):
+    graph = onnx.load(str(onnx_folder / ONNX_FILES["onnx"])).graph
+    assert [i.name for i in graph.input] == ["images"]
+    assert [o.name for o in graph.output] == ["backbone", "projector"]
+    batch = graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param and not batch.dim_value
+    info = validate_hub_folder(onnx_folder)
+    assert info.onnx_files == list(ONNX_FILES.values())
+
+
+def test_vanilla_timm_ignores_the_onnx_files(onnx_folder, photos):
+    model = timm.create_model(f"local-dir:{onnx_folder}", pretrained=True).eval()
+    config = timm.data.resolve_model_data_config(model)
+    x = timm.data.create_transform(**config, is_training=False)(photos[0]).unsqueeze(0)
+    with torch.inference_mode():
+        features = model(x)
+    expected = _embed(onnx_folder, "torch", [photos[0]], "backbone", False)
+    torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_prefers_int8_then_float32_then_torch(onnx_folder, plain_folder, tmp_path):
+    def chosen(folder):
+        return FeatureExtractor.from_pretrained(folder, backend="auto", device="cpu").backend
+
+    assert chosen(onnx_folder) == "onnx-int8"
+    assert chosen(plain_folder) == "torch"
+    float_only = _copy(onnx_folder, tmp_path)
+    assert main(["export", "--out", str(float_only), "--onnx"]) == 0
+    assert not (float_only / ONNX_FILES["onnx-int8"]).exists()
+    record = json.loads((float_only / "ssole.json").read_text())["onnx"]
+    assert record["guard_photos"] == {"source": "scikit-image", "count": 6}
+    assert chosen(float_only) == "onnx"
+
+
+def test_int8_missing_its_limit_is_refused_with_the_shortfall(
+    onnx_folder, jpeg_dir, tmp_path, monkeypatch
+):
+    folder = _copy(onnx_folder, tmp_path)
+    before = (folder / ONNX_FILES["onnx-int8"]).read_bytes()
+    monkeypatch.setitem(FIDELITY_LIMITS, "onnx-int8", 0.9999999)
+    with pytest.raises(
+        ValueError, match=r"refusing to write onnx/model_int8.onnx.*below the limit"
+    ):
+        export_onnx(folder, calibration=jpeg_dir)
+    assert (folder / ONNX_FILES["onnx-int8"]).read_bytes() == before
+
+
+def test_a_folder_without_onnx_files_names_the_export_command(plain_folder):
+    with pytest.raises(FileNotFoundError, match=r"no onnx/model.onnx.*ssole-hub export .*--onnx"):
+        FeatureExtractor.from_pretrained(plain_folder, backend="onnx", device="cpu")
+    with pytest.raises(ValueError, match="needs a hub folder"):
+        FeatureExtractor.from_pretrained("ssole_resnet18", backend="onnx-int8", pretrained=False)
+
+
+def test_a_truncated_onnx_file_fails_naming_it(onnx_folder, tmp_path):
+    folder = _copy(onnx_folder, tmp_path)
+    path = folder / ONNX_FILES["onnx"]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(HubFolderError, match=r"onnx/model.onnx.*not a loadable ONNX model"):
+        FeatureExtractor.from_pretrained(folder, backend="onnx", device="cpu")
+    with pytest.raises(HubFolderError, match=r"onnx/model\.onnx"):
+        validate_hub_folder(folder)
+
+
+def test_a_foreign_onnx_file_fails_naming_it(onnx_folder, tmp_path):
+    folder = _copy(onnx_folder, tmp_path)
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 8])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 8])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
+    foreign = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    foreign.ir_version = 8
+    onnx.save(foreign, str(folder / ONNX_FILES["onnx-int8"]))
+    with pytest.raises(HubFolderError, match=r"model_int8.onnx: expected one input 'images'"):
+        FeatureExtractor.from_pretrained(folder, backend="onnx-int8", device="cpu")
+
+
+def test_extract_with_int8_writes_the_rows_of_torch(onnx_folder, jpeg_dir, tmp_path):
+    runs = {}
+    for backend in ("torch", "onnx-int8"):
+        out = tmp_path / backend
+        argv = ["extract", "--model", str(onnx_folder), "--input", str(jpeg_dir)]
+        argv += ["--out", str(out), "--backend", backend, "--batch-size", "4", "--no-progress"]
+        assert main([*argv, "--workers", "0"]) == 0
+        assert json.loads((out / "manifest.json").read_text())["backend"] == backend
+        runs[backend] = read_embeddings(out)
+    (torch_rows, torch_paths), (int8_rows, int8_paths) = runs["torch"], runs["onnx-int8"]
+    assert int8_paths == torch_paths and len(torch_paths) == 6
+    cosine = F.cosine_similarity(torch.from_numpy(int8_rows), torch.from_numpy(torch_rows))
+    assert cosine.min() >= 0.99
+
+
+def test_import_works_without_onnx_packages():
+    script = (
+        "import sys\n"
+        "sys.modules.update(onnx=None, onnxruntime=None)  # importing them now fails\n"
+        "import ssole_hub\n"
+        "fx = ssole_hub.FeatureExtractor.from_pretrained('ssole_resnet18', pretrained=False,"
+        " device='cpu', backend='auto')\n"
+        "print(fx.backend, sys.modules['onnxruntime'])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["torch", "None"]
