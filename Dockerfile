@@ -28,7 +28,7 @@ RUN pip install "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" 
         --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}"
 COPY pyproject.toml README.md ./
 COPY ssole_hub ./ssole_hub
-RUN pip install ".[serve]"
+RUN pip install ".[serve,onnx]"
 COPY server ./server
 
 USER ssole

@@ -13,6 +13,7 @@ path; preprocessing stays the one resolver's, from the folder's ``config.json``.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -80,9 +81,12 @@ def _fetch_for(model: str | os.PathLike) -> Fetch | None:
 def guarded_backends(model: str | os.PathLike) -> list[Backend]:
     """The ONNX backends whose file ``model`` (a hub folder or ``hf-hub:`` repo) has and whose
     fidelity check, recorded in ``ssole.json`` at export, passed; in :data:`BACKEND_PREFERENCE`
-    order. Empty for names, checkpoints and folders without ONNX files."""
+    order. Empty for names, checkpoints, folders without ONNX files, and without onnxruntime."""
     fetch = _fetch_for(model)
     if fetch is None:
+        return []
+    if importlib.util.find_spec("onnxruntime") is None:
+        log.info("onnxruntime is not installed: the ONNX files of %s are not used", model)
         return []
     try:
         record = read_json(fetch(SSOLE_FILE), SSOLE_FILE).get("onnx") or {}

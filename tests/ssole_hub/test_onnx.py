@@ -197,13 +197,13 @@ def test_extract_with_int8_writes_the_rows_of_torch(onnx_folder, jpeg_dir, tmp_p
     assert cosine.min() >= 0.99
 
 
-def test_import_works_without_onnx_packages():
+def test_without_onnx_packages_import_works_and_auto_uses_torch(onnx_folder):
     script = (
         "import sys\n"
         "sys.modules.update(onnx=None, onnxruntime=None)  # importing them now fails\n"
         "import ssole_hub\n"
-        "fx = ssole_hub.FeatureExtractor.from_pretrained('ssole_resnet18', pretrained=False,"
-        " device='cpu', backend='auto')\n"
+        f"fx = ssole_hub.FeatureExtractor.from_pretrained({str(onnx_folder)!r}, device='cpu',"
+        " backend='auto')\n"
         "print(fx.backend, sys.modules['onnxruntime'])\n"
     )
     done = subprocess.run(

@@ -1,0 +1,212 @@
+"""Images/s of each CPU inference backend, measured side by side in one run, with its fidelity.
+
+For ResNet-18 and ResNet-50 at 224 px, four forward passes are timed on the same preprocessed
+batches of real photos (scikit-image's), at batch 1 and 32, ``--repeats`` times each,
+interleaved so that a change in the machine's load touches every backend alike:
+
+- **torch eager fp32**: :class:`~ssole_hub.models.SSOLEModel` on contiguous (NCHW) tensors;
+- **torch channels_last**: the ``torch`` backend of :class:`~ssole_hub.FeatureExtractor`
+  (channels_last, float32);
+- **onnx** and **onnx-int8**: the extractor's ONNX Runtime backends on the folder's
+  ``onnx/model.onnx`` and ``onnx/model_int8.onnx``, written by :func:`ssole_hub.export_onnx`
+  with the int8 file calibrated on the photos (export refuses an int8 file below its limit; the
+  refusal is then recorded instead of a figure).
+
+Only the forward pass is timed (images are decoded and preprocessed once, beforehand). Each
+row gives the median images/s, the ratio to torch eager fp32 at the same batch size, and the
+smallest cosine similarity of its backbone features to eager fp32 on the photos. Every backend
+uses the same number of intra-op threads (torch's default, one per core). Weights are random
+(``pretrained=False``, fixed seed): speed does not depend on them and nothing is downloaded; the
+fidelity of trained weights is what ``export_onnx`` records in each hub folder. The CPU model
+and flags and the load average before and after go in the JSON.
+
+    python bench/backends.py [--models ssole_resnet18 ssole_resnet50] [--images 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import load_average, machine_record
+from ssole_hub import FeatureExtractor, export_hub_folder, export_onnx, load_model
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field", "cat")
+BACKENDS = ("torch eager fp32", "torch channels_last", "onnx", "onnx-int8")
+BATCH_SIZES = (1, 32)
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def write_photos(folder: Path) -> list[Path]:
+    """scikit-image's photos as JPEG files (the int8 calibration set)."""
+    from skimage import data
+
+    paths = []
+    for name in PHOTOS:
+        path = folder / f"{name}.jpg"
+        Image.fromarray(np.asarray(getattr(data, name)())).convert("RGB").save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def export_folder(model_name: str, root: Path, photo_dir: Path) -> tuple[Path, dict]:
+    """A hub folder of a seeded random ``model_name`` with its ONNX files; the export record
+    (or the int8 refusal, when the guard refused it)."""
+    torch.manual_seed(0)
+    backbone = timm.create_model(model_name, pretrained=False, num_classes=0).eval()
+    folder = export_hub_folder(backbone, root / model_name)
+    try:
+        return folder, export_onnx(folder, calibration=photo_dir)
+    except ValueError as exc:  # the int8 guard: keep the float32 file and say why
+        record = export_onnx(folder)
+        record["int8_refused"] = str(exc)
+        return folder, record
+
+
+def forwards(folder: Path, record: dict) -> dict[str, Forward]:
+    """One forward pass (preprocessed batch -> raw backbone features) per available backend."""
+    eager = load_model(folder, with_projector=None).eval()
+
+    def eager_forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return eager(x.contiguous(), "backbone")
+
+    runs: dict[str, Forward] = {"torch eager fp32": eager_forward}
+    names = {"torch channels_last": "torch", "onnx": "onnx", "onnx-int8": "onnx-int8"}
+    for label, backend in names.items():
+        if backend == "onnx-int8" and "int8_refused" in record:
+            continue
+        fx = FeatureExtractor.from_pretrained(folder, backend=backend, device="cpu")
+        runs[label] = lambda x, fx=fx: fx.embed_tensor(x, "backbone", normalize=False)
+    return runs
+
+
+def batches(photos: torch.Tensor, batch_size: int, images: int) -> list[torch.Tensor]:
+    """``images`` preprocessed photos (cycled) cut into batches of ``batch_size``."""
+    index = torch.arange(max(images, batch_size)) % len(photos)
+    return list(photos[index].split(batch_size))
+
+
+def time_once(forward: Forward, work: list[torch.Tensor]) -> float:
+    """Images per second of one pass over ``work``."""
+    start = time.perf_counter()
+    for x in work:
+        forward(x)
+    return sum(len(x) for x in work) / (time.perf_counter() - start)
+
+
+def measure(runs: dict[str, Forward], photos: torch.Tensor, images: int, repeats: int) -> list:
+    """Median images/s per backend and batch size, interleaved repeats, after a warm-up pass."""
+    rows = []
+    for batch_size in BATCH_SIZES:
+        work = batches(photos, batch_size, images)
+        for forward in runs.values():
+            forward(work[0])
+        samples: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(repeats):
+            for name, forward in runs.items():
+                samples[name].append(time_once(forward, work))
+        eager = statistics.median(samples["torch eager fp32"])
+        for name, values in samples.items():
+            median = statistics.median(values)
+            rows.append(
+                {
+                    "backend": name,
+                    "batch_size": batch_size,
+                    "images_per_s": round(median, 2),
+                    "samples": [round(v, 2) for v in values],
+                    "ratio_to_eager_fp32": round(median / eager, 3),
+                }
+            )
+    return rows
+
+
+def min_cosines(runs: dict[str, Forward], photos: torch.Tensor) -> dict[str, float]:
+    """Smallest cosine of each backend's backbone features to eager fp32's, on the photos."""
+    reference = runs["torch eager fp32"](photos)
+    return {
+        name: round(float(F.cosine_similarity(run(photos), reference, dim=1).min()), 6)
+        for name, run in runs.items()
+    }
+
+
+def bench_model(model_name: str, root: Path, photo_paths: list[Path], args) -> dict:
+    folder, record = export_folder(model_name, root, photo_paths[0].parent)
+    runs = forwards(folder, record)
+    transform = FeatureExtractor.from_pretrained(folder, device="cpu").transform
+    photos = torch.stack([transform(Image.open(p).convert("RGB")) for p in photo_paths])
+    assert photos.shape[-1] == 224, "the bench measures 224 px inputs"
+    cosines = min_cosines(runs, photos)
+    rows = measure(runs, photos, args.images, args.repeats)
+    for row in rows:
+        row.update(model=model_name, min_cosine=cosines[row["backend"]])
+    return {"model": model_name, "export": record, "rows": rows}
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"{'model':16} {'backend':20} {'batch':>5} {'img/s':>9} {'x eager':>8} {'min cos':>9}")
+    for result in results:
+        for r in result["rows"]:
+            print(
+                f"{r['model']:16} {r['backend']:20} {r['batch_size']:>5} "
+                f"{r['images_per_s']:>9.1f} {r['ratio_to_eager_fp32']:>8.2f} {r['min_cosine']:>9.6f}"
+            )
+        if "int8_refused" in result["export"]:
+            print(
+                f"{result['model']}: onnx-int8 refused at export: {result['export']['int8_refused']}"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["ssole_resnet18", "ssole_resnet50"])
+    parser.add_argument("--images", type=int, default=64, help="images per timed pass")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "backends.json"))
+    args = parser.parse_args()
+
+    machine = machine_record()
+    with tempfile.TemporaryDirectory(prefix="bench-backends-") as tmp:
+        root = Path(tmp)
+        (root / "photos").mkdir()
+        photo_paths = write_photos(root / "photos")
+        results = [bench_model(name, root, photo_paths, args) for name in args.models]
+    print_table(results)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "benchmark": "backends",
+        "command": "python bench/backends.py " + " ".join(sys.argv[1:]),
+        "settings": {
+            "images": args.images,
+            "repeats": args.repeats,
+            "batch_sizes": list(BATCH_SIZES),
+            "input_px": 224,
+            "photos": list(PHOTOS),
+            "threads": torch.get_num_threads(),
+        },
+        "machine": machine,
+        "results": results,
+        "load_average_after": load_average(),
+    }
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
