@@ -142,8 +142,8 @@ class EmbeddingService:
             return
         self.backend, self.batcher = backend, batcher
         log.info(
-            "model %r ready: outputs %s, %d inference threads, %d decode threads",
-            s.model_id, backend.dimensions, threads, s.decode_threads,
+            "model %r ready: outputs %s, backend %s, %d inference threads, %d decode threads",
+            s.model_id, backend.dimensions, backend.backend_name, threads, s.decode_threads,
         )  # fmt: skip
 
     @staticmethod

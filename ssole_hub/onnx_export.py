@@ -197,9 +197,7 @@ def export_onnx(
         FileNotFoundError, HubFolderError: the folder is missing or invalid.
     """
     out = Path(folder)
-    model = load_model(out, with_projector=None)
-    assert isinstance(model, SSOLEModel)
-    model = model.float().eval()
+    model = load_model(out, with_projector=None).float().eval()  # an SSOLEModel for a folder
     photos, source = guard_photos(model, calibration)
     tmp = Path(tempfile.mkdtemp(prefix=".onnx.", dir=out))
     try:

@@ -140,6 +140,20 @@ def test_auto_prefers_int8_then_float32_then_torch(onnx_folder, plain_folder, tm
     assert chosen(float_only) == "onnx"
 
 
+def test_export_command_writes_folder_and_onnx_files_from_a_checkpoint(
+    checkpoint_path, jpeg_dir, tmp_path, capsys
+):
+    out = tmp_path / "model"
+    argv = ["export", "--checkpoint", str(checkpoint_path), "--out", str(out)]
+    assert main([*argv, "--calibration", str(jpeg_dir)]) == 2
+    assert "add --onnx" in capsys.readouterr().err and not out.exists()
+    assert main([*argv, "--onnx", "--calibration", str(jpeg_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "onnx/model.onnx: min cosine to torch backbone" in printed
+    assert "onnx/model_int8.onnx: min cosine to torch backbone" in printed
+    assert validate_hub_folder(out).onnx_files == list(ONNX_FILES.values())
+
+
 def test_int8_missing_its_limit_is_refused_with_the_shortfall(
     onnx_folder, jpeg_dir, tmp_path, monkeypatch
 ):
