@@ -74,6 +74,10 @@ PLATFORMS = (
     "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64",
 )  # fmt: skip
 GPU_PYTHON = "3.12"
+# A test module holds CUDA tests when it marks one or asks whether CUDA is there.
+CUDA_TEST = r"pytest\.mark\.gpu|torch\.cuda\.is_available\(\)"
+# Set for every stage, so that a stage never starts this check again (its dry run is a test).
+NESTED = "SSOLE_GPU_CHECK_STAGE"
 
 
 # --- the wheelhouse -------------------------------------------------------------------------
@@ -256,11 +260,11 @@ def below(check: str, measured: float, bound: float) -> Check:
 def cuda_tests(plan: Plan, timeout_s: float) -> Stage:
     """The CUDA tests: marked ``gpu`` or named for CUDA (``-k`` also matches marker names). Only
     the modules that hold such tests are collected, so that the rest of the suite's dependencies
-    (schemathesis, ...) need not travel."""
+    (schemathesis, ...) need not travel; this script's own tests are never among them."""
     modules = sorted(
         str(p.relative_to(ROOT))
         for p in (ROOT / "tests").rglob("test_*.py")
-        if re.search(r"mark\.gpu|cuda", p.read_text())
+        if p.parent.name != "bench" and re.search(CUDA_TEST, p.read_text())
     )
     report = plan.work / "cuda_tests.xml"
     command = [
@@ -640,7 +644,12 @@ def _fashion_mnist(given: Path | None) -> Path | None:
 def _environment(site: Path | None) -> dict[str, str]:
     paths = [str(site)] if site else []
     paths += [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(paths),
+        "PYTHONUNBUFFERED": "1",
+        NESTED: "1",
+    }
 
 
 def run_stages(
@@ -691,8 +700,12 @@ def run_stages(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the check; returns 0 when every stage ran (targets met or not), 1 when one failed or
-    timed out, 2 for bad usage (no GPU without ``--dry-run``, unknown stage)."""
+    timed out, 2 for bad usage (no GPU without ``--dry-run``, unknown stage, or started by one of
+    its own stages)."""
     args = _parser().parse_args(argv)
+    if os.environ.get(NESTED):
+        print("bench/gpu_check.py does not run inside one of its own stages", file=sys.stderr)
+        return 2
     if args.download_wheels:
         files = download_wheels(args.wheelhouse)
         print(
