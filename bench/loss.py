@@ -8,6 +8,7 @@ alike; the table reports medians and their ratio, and the JSON keeps every repea
     python bench/loss.py                 # B in {32, 128, 256}, N in {4, 8}, d in {2048, 4096}
     python bench/loss.py --quick         # B = 256, N = 8, d = 4096 only, 3 repeats
     python bench/loss.py --device cuda
+    python bench/loss.py --shape 16 4 64  # one given size (e.g. a toy size for a dry run)
 """
 
 from __future__ import annotations
@@ -94,17 +95,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per config")
     parser.add_argument("--quick", action="store_true", help="only B=256, N=8, d=4096")
+    parser.add_argument(
+        "--shape", type=int, nargs=3, metavar=("B", "N", "D"), help="only this one size"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda given but CUDA is not available")
     repeats = args.repeats or (3 if args.quick else 5)
-    configs = (
-        [(256, 8, 4096)]
-        if args.quick
-        else list(itertools.product((32, 128, 256), (4, 8), (2048, 4096)))
-    )
+    if args.shape:
+        configs = [tuple(args.shape)]
+    elif args.quick:
+        configs = [(256, 8, 4096)]
+    else:
+        configs = list(itertools.product((32, 128, 256), (4, 8), (2048, 4096)))
 
     rows = [bench_config(b, n, d, repeats, device) for b, n, d in tqdm(configs, desc="configs")]
 

@@ -20,8 +20,10 @@ and on a GPU::
         --batch-size 256 --workers 8 --peer-projector shared,bn
 
 ``--reuse`` evaluates finished runs of the same budget instead of retraining them
-(``--evaluate-only`` trains nothing and skips the rest). Prints a table and writes
-``bench/results/quality.json``.
+(``--evaluate-only`` trains nothing and skips the rest). ``--time-budget SECONDS`` replaces
+``--epochs`` with the largest epoch count whose training fits that time, estimated from a short
+calibration run of the same config; ``--export DIR`` writes SSOLE's checkpoint as a hub folder with
+its model card and the measured results. Prints a table and writes ``bench/results/quality.json``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import argparse
 import gzip
 import json
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -76,11 +79,13 @@ def _balanced(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(take))
 
 
-def write_subset(out: Path, train_images: int, test_images: int, seed: int) -> Path:
-    """Write a class-balanced Fashion-MNIST subset as idx files, so the project's one loader
-    (``data.root``) reads it unchanged. Returns the folder."""
+def write_subset(
+    out: Path, train_images: int, test_images: int, seed: int, source: str = FASHION_MNIST_DIR
+) -> Path:
+    """Write a class-balanced subset of the Fashion-MNIST idx files in ``source`` as idx files, so
+    the project's one loader (``data.root``) reads it unchanged. Returns the folder."""
     out.mkdir(parents=True, exist_ok=True)
-    train, test = labelled_splits("fashion-mnist", FASHION_MNIST_DIR)
+    train, test = labelled_splits("fashion-mnist", source)
     for split, ds, n in (("train", train, train_images), ("test", test, test_images)):
         keep = _balanced(ds.labels, n, seed)
         _write_idx(out / IDX_FILES[split][0], ds.images[keep])
@@ -164,6 +169,73 @@ def median_images_per_s(run_dir: Path) -> float | None:
     return float(np.median(rates)) if rates else None
 
 
+def epochs_for_budget(
+    overrides: list[str], seconds: float, train_images: int, steps: int
+) -> tuple[int, dict[str, float]]:
+    """The largest epoch count whose SSOLE training should fit ``seconds``, and the calibration.
+
+    A calibration run of the same config trains two short epochs of ``steps`` steps each, logging
+    every step: its steady images/s (median, leaving out each epoch's first step), the cost of an
+    epoch boundary (checkpoint, loader restart) and the one-time start-up give
+    ``start-up + epochs * (one epoch's images / images per s + boundary)``.
+
+    Raises:
+        RuntimeError: if the calibration run logged too few steps to measure.
+    """
+    base = load_config(None, overrides)
+    batch = base.data.batch_size
+    cfg = load_config(
+        None,
+        [
+            *overrides, "method=ssole", "run_name=calibration", "epochs=2", "log_every_steps=1",
+            f"data.max_images={min(batch * steps, train_images)}", "checkpoint_every_steps=0",
+        ],
+    )  # fmt: skip
+    shutil.rmtree(run_dir_of(cfg), ignore_errors=True)  # its log appends
+    started = time.time()
+    run(cfg)
+    events = _train_events(run_dir_of(cfg))
+    by_epoch = [[e for e in events if e["epoch"] == k] for k in (0, 1)]
+    if min(len(e) for e in by_epoch) < 2:
+        raise RuntimeError(f"calibration logged too few steps: {[len(e) for e in by_epoch]}")
+    rate = float(np.median([e["images_per_s"] for ep in by_epoch for e in ep[1:]]))
+    step_s = batch / rate
+    boundary_s = max(by_epoch[1][0]["time"] - by_epoch[0][-1]["time"] - step_s, 0.0)
+    startup_s = max(by_epoch[0][0]["time"] - started - step_s, 0.0)
+    epoch_s = (train_images // batch) * step_s + boundary_s
+    epochs = max(1, int((seconds - startup_s) // epoch_s))
+    calibration = {
+        "images_per_s": round(rate, 1),
+        "epoch_s": round(epoch_s, 2),
+        "epoch_boundary_s": round(boundary_s, 2),
+        "startup_s": round(startup_s, 2),
+        "predicted_train_s": round(startup_s + epochs * epoch_s, 1),
+        "calibration_wall_s": round(time.time() - started, 1),
+    }
+    return epochs, calibration
+
+
+def export_ssole(checkpoint: Path, out: Path, rows: list[dict[str, Any]]) -> Path:
+    """Export SSOLE's checkpoint as a hub folder whose card holds this benchmark's results (its
+    own and the raw-pixel and random-init baselines'). Returns the folder."""
+    from ssole_hub.hub import export_hub_folder
+
+    by_name = {r["model"]: r for r in rows}
+    own = by_name["ssole"]
+    results = {
+        "fashion-mnist": {
+            "knn_top1 (k=20, T=0.07)": own["knn_top1"],
+            "linear_top1": own["linear_top1"],
+            "rankme": own["rankme"],
+            "raw_pixels_knn_top1": by_name["raw pixels"]["knn_top1"],
+            "random_init_knn_top1": by_name["random init"]["knn_top1"],
+        }
+    }
+    return export_hub_folder(
+        checkpoint, out / "ssole_resnet18-fashion-mnist", overwrite=True, eval_results=results
+    )
+
+
 def _row(
     name: str,
     result: dict[str, Any],
@@ -210,6 +282,22 @@ def main() -> int:
     parser.add_argument("--train-images", type=int, default=2048)
     parser.add_argument("--test-images", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="instead of --epochs: the most epochs whose training fits SECONDS (calibrated)",
+    )
+    parser.add_argument(
+        "--calibration-steps", type=int, default=20, help="steps per calibration epoch"
+    )
+    parser.add_argument(
+        "--data-root", default=FASHION_MNIST_DIR, help="folder of the Fashion-MNIST idx files"
+    )
+    parser.add_argument(
+        "--export", default=None, metavar="DIR", help="export SSOLE as a hub folder under DIR"
+    )
     parser.add_argument("--views", type=int, default=4)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -264,7 +352,9 @@ def main() -> int:
     ]
 
     work = Path(args.work_dir)
-    data_root = write_subset(work / "data", args.train_images, args.test_images, args.seed)
+    data_root = write_subset(
+        work / "data", args.train_images, args.test_images, args.seed, args.data_root
+    )
     overrides = budget_overrides(args, data_root, work / "runs")
     device = resolve_device(None if args.device == "auto" else args.device)
     eval_kw = dict(probe_epochs=args.probe_epochs, device=device, progress=False)
@@ -300,6 +390,14 @@ def main() -> int:
     rows.append(_row("random init", result, None))
     print_table(rows[-1:])
 
+    calibration = None
+    if args.time_budget is not None:
+        args.epochs, calibration = epochs_for_budget(
+            overrides, args.time_budget, args.train_images, args.calibration_steps
+        )
+        overrides = budget_overrides(args, data_root, work / "runs")
+        print(f"time budget {args.time_budget:.0f} s: {args.epochs} epochs ({calibration})")
+    exported = None
     for method, batch_norm in variants:
         name = f"{method} (BN projector)" if batch_norm else method
         cfg = load_config(
@@ -326,6 +424,9 @@ def main() -> int:
         result = evaluate(str(checkpoint), "fashion-mnist", data_root, **eval_kw)
         rows.append({**_row(name, result, train_s, method, checkpoint.parent), "reused": reused})
         print_table(rows[-1:])
+        if args.export and name == "ssole":
+            exported = export_ssole(checkpoint, Path(args.export), rows)
+            print(f"exported {exported}")
 
     print()
     print_table(rows)
@@ -334,7 +435,7 @@ def main() -> int:
         for k in (
             "train_images", "test_images", "epochs", "views", "size", "batch_size",
             "projector_dim", "optimizer", "lr", "weight_decay", "warmup_epochs", "probe_epochs",
-            "precision", "peer_projector", "seed",
+            "precision", "peer_projector", "seed", "time_budget",
         )
     }  # fmt: skip
     trained = {r["model"]: r["knn_top1"] for r in rows if r["method"]}
@@ -361,6 +462,8 @@ def main() -> int:
                 "torch": torch.__version__,
                 "rows": rows,
                 "summary": summary,
+                "calibration": calibration,
+                "exported": None if exported is None else exported.name,
             },
             indent=2,
         )
