@@ -359,6 +359,7 @@ def test_nuclear_norm_bad_input_raises_value_error(x, match):
         nuclear_norm(x)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu_under_bfloat16_autocast():
     z = make_embeddings("clustered", 32, 4, 256).float()
