@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint format bench clean wheelhouse gpu-data gpu-bundle gpu-check gpu-check-dry-run
+.PHONY: venv test test-readme demo lint format bench clean wheelhouse gpu-data gpu-bundle gpu-check gpu-check-dry-run
 
 venv: $(STAMP)
 
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml Makefile
 
 test: venv
 	$(PY) -m pytest -q
+
+# Only the README runner (tests/test_readme.py, part of make test): every command and snippet of
+# README.md, in order, in a copy of the checkout.
+test-readme: venv
+	$(PY) -m pytest -q -rs -m readme
 
 demo: venv
 	$(PY) -m training.demo $(if $(RETRAIN),--retrain) $(if $(DATASET),--dataset $(DATASET))

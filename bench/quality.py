@@ -419,7 +419,7 @@ def main() -> int:
             train_s = logged_train_seconds(checkpoint.parent)
         else:
             started = time.perf_counter()
-            checkpoint = run(cfg)
+            checkpoint = run(cfg, overwrite=True)  # no finished run of this budget to keep
             train_s = time.perf_counter() - started
         result = evaluate(str(checkpoint), "fashion-mnist", data_root, **eval_kw)
         rows.append({**_row(name, result, train_s, method, checkpoint.parent), "reused": reused})

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ssole_hub.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
@@ -56,7 +57,9 @@ class ServerSettings(BaseSettings):
         description="longest time the oldest queued image waits for its batch to fill",
     )
     max_queue: int = Field(
-        default=256, ge=1, description="images waiting for inference before new work gets 503"
+        default=256,
+        ge=1,
+        description="images waiting for inference before new work gets 503; at least --max-items",
     )
     max_image_bytes: int = Field(
         default=DEFAULT_MAX_BYTES, ge=1, description="largest encoded image, in bytes"
@@ -74,7 +77,7 @@ class ServerSettings(BaseSettings):
     decode_threads: int = Field(
         default=min(4, os.cpu_count() or 1),
         ge=1,
-        description="threads that decode and preprocess images",
+        description="threads that decode and preprocess images (default: the CPU count, at most 4)",
     )
     inference_threads: int | None = Field(
         default=None,
@@ -120,6 +123,15 @@ class ServerSettings(BaseSettings):
         return spec
 
 
+def _default_text(field: FieldInfo) -> str:
+    if field.is_required():
+        return "required"
+    default = field.get_default(call_default_factory=True)
+    if isinstance(default, bool):
+        return f"default: {'on' if default else 'off'}"
+    return f"default: {'none' if default is None else default}"
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     """An argument parser with one ``--flag`` per :class:`ServerSettings` field.
 
@@ -134,6 +146,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     for name, field in ServerSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         help_text = field.description or ""
+        if "(default" not in help_text:  # some defaults are best said in words
+            help_text += f" ({_default_text(field)})"
+        help_text = help_text.replace("%", "%%")
         if field.annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:

@@ -13,7 +13,11 @@ from pathlib import Path
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ssole-hub", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="ssole-hub",
+        description="Export, validate and publish SSOLE hub folders, and embed whole datasets "
+        "(also python -m ssole_hub).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     # --- export / validate / push (ssole_hub.hub) ---------------------------------------------

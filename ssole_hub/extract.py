@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from datetime import timedelta
@@ -309,6 +310,13 @@ def extract_dataset(
                     f"{out} holds shards of a different extraction (model, options or input list "
                     "differ); use an empty output folder"
                 )
+        if len(pending) < len(mine):
+            whose = f" of rank {rank}" if world > 1 else ""
+            print(
+                f"resuming {out}: {len(mine) - len(pending)} of {len(mine)} shards{whose} are "
+                "already finished and are skipped",
+                file=sys.stderr,
+            )
         workers = _default_workers() if num_workers is None else num_workers
         _run_shards(
             fx,

@@ -24,6 +24,7 @@ from torch import nn
 
 import ssole_hub
 from ssole_hub.checkpoint import ModelCheckpoint, load_model_checkpoint
+from ssole_hub.file_modes import give_umask_mode
 from ssole_hub.hub_format import (
     CONFIG_FILE,
     EXPORTED_CFG_KEYS,
@@ -264,6 +265,7 @@ def export_hub_folder(
             hub_tag=pretrained_cfg.get("tag"),
         )
         (tmp / MODEL_CARD_FILE).write_text(card)
+        give_umask_mode(tmp)  # mkdtemp made it 0700; others must be able to read an export
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -143,6 +143,35 @@ class CorruptImageError(ImageDecodeError):
     """The input is empty, truncated or damaged although its format was recognised."""
 
 
+# Signatures that only files of that format start with. BMP's ``BM`` and the Netpbm ``P1``..``P6``
+# are left out: two letters that ordinary text also starts with.
+_SIGNATURES: dict[str, tuple[bytes, ...]] = {
+    "JPEG": (b"\xff\xd8\xff",),
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "GIF": (b"GIF87a", b"GIF89a"),
+    "TIFF": (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"),
+    "QOI": (b"qoif",),
+    "JPEG2000": (b"\xff\x4f\xff\x51", b"\x00\x00\x00\x0cjP  \r\n\x87\n"),
+}
+
+
+def _signature_format(data: bytes) -> str | None:
+    """The format whose signature ``data`` starts with (or, cut short, is the start of), or None.
+
+    Pillow calls a file "unidentified" when its plugin fails while reading the header, so a PNG or
+    JPEG cut off inside its header would otherwise pass for "not an image at all".
+    """
+    for fmt, signatures in _SIGNATURES.items():
+        for sig in signatures:
+            if data.startswith(sig) or (len(data) >= 4 and sig.startswith(data)):
+                return fmt
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis"):
+        return "AVIF"
+    return None
+
+
 def _read_limited(source: ImageSource, max_bytes: int) -> tuple[bytes, str]:
     """Return the encoded bytes and a name for messages; refuses inputs over ``max_bytes``."""
     if isinstance(source, bytes | bytearray | memoryview):
@@ -212,6 +241,12 @@ def decode_image(
     try:
         img = Image.open(io.BytesIO(data), formats=_safe_formats())
     except UnidentifiedImageError as exc:
+        fmt = _signature_format(data)
+        if fmt is not None:
+            raise CorruptImageError(
+                f"{name} is a damaged or truncated {fmt} ({len(data)} bytes; its header could not "
+                "be read)"
+            ) from exc
         raise UnsupportedImageError(
             f"{name} is not a supported image (starts with {data[:8]!r}); "
             f"accepted formats: {', '.join(_safe_formats())}"
@@ -219,7 +254,9 @@ def decode_image(
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"{name} has too many pixels: {exc}") from exc
     except _PILLOW_DAMAGE as exc:
-        raise CorruptImageError(f"{name} has a damaged header: {exc}") from exc
+        fmt = _signature_format(data)
+        what = f"a {fmt}" if fmt else "an image"
+        raise CorruptImageError(f"{name} is {what} with a damaged header: {exc}") from exc
 
     width, height = img.size
     if width * height > max_pixels:

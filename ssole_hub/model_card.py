@@ -38,13 +38,50 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+_PROTOCOL_NAMES = {"knn": "weighted kNN", "linear": "linear probe"}
+# Keys of an evaluation JSON that describe the run, not a result of this model.
+_RUN_KEYS = ("model", "random_init", "dataset", "protocols", "seconds")
+
+
+def _protocol_rows(dataset: str, protocols: Mapping[str, Any]) -> list[str]:
+    rows = []
+    for key, value in protocols.items():
+        if isinstance(value, Mapping):
+            settings = ", ".join(f"{k}={_format(v)}" for k, v in value.items() if k != "top1")
+            top1 = _format(value.get("top1", "-"))
+            rows.append(
+                f"| {dataset} | {_PROTOCOL_NAMES.get(key, key)} top-1 | {top1} | {settings} |"
+            )
+        elif key == "rankme":
+            rows.append(
+                f"| {dataset} | RankMe (effective rank) | {_format(value)} | train features |"
+            )
+        else:
+            rows.append(f"| {dataset} | {key} | {_format(value)} | |")
+    return rows
+
+
 def _results_table(eval_results: Mapping[str, Any]) -> str:
-    rows = _flatten(eval_results)
-    if not rows:
+    if not eval_results:
         return "No evaluation results were recorded for this checkpoint."
-    lines = ["| metric | value |", "| --- | --- |"]
-    lines += [f"| {name} | {_format(value)} |" for name, value in rows]
-    return "\n".join(lines)
+    parts = []
+    if eval_results.get("random_init"):
+        parts.append(
+            "**These results were measured on the architecture at random initialisation (a "
+            "baseline), not on this model's weights.**"
+        )
+    protocols = eval_results.get("protocols")
+    rest = eval_results
+    if isinstance(protocols, Mapping):
+        dataset = str(eval_results.get("dataset", "-"))
+        lines = ["| dataset | metric | value | settings |", "| --- | --- | --- | --- |"]
+        parts.append("\n".join(lines + _protocol_rows(dataset, protocols)))
+        rest = {k: v for k, v in eval_results.items() if k not in _RUN_KEYS}
+    rows = [(name, value) for name, value in _flatten(rest) if name not in _RUN_KEYS[:2]]
+    if rows:
+        lines = ["| metric | value |", "| --- | --- |"]
+        parts.append("\n".join(lines + [f"| {n} | {_format(v)} |" for n, v in rows]))
+    return "\n\n".join(parts)
 
 
 def _training_summary(metadata: Mapping[str, Any]) -> str:

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ssole_hub.file_modes import give_umask_mode
+
 __all__ = [
     "capture_rng_state",
     "checkpoint_name",
@@ -47,6 +49,7 @@ def save_atomic(state: dict[str, Any], path: str | os.PathLike) -> Path:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        give_umask_mode(tmp)  # mkstemp made it 0600; a checkpoint is as readable as any file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -60,7 +60,7 @@ def _train(out: Path, dataset: str, retrain: bool, overrides: Sequence[str]) -> 
         CONFIGS[dataset],
         [f"output_dir={out}", "run_name=run", *DATASET_OVERRIDES[dataset], *overrides],
     )
-    return run(cfg)
+    return run(cfg, overwrite=True)  # the demo's run directory is its own
 
 
 def _knn(checkpoint: Path, dataset: str, limit: int | None) -> dict[str, Any]:

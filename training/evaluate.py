@@ -382,9 +382,12 @@ def evaluate(
     elif Path(model.removeprefix("local-dir:")).exists():
         name = Path(model.removeprefix("local-dir:")).name  # results name no machine's paths
     else:
-        name = model if pretrained else f"{model} (random init)"
+        name = model
+    random_init = isinstance(model, str) and not pretrained
     return {
-        "model": name,
+        # A baseline must never pass for the model's own results, wherever the JSON goes.
+        "model": f"{name} (random init)" if random_init else name,
+        "random_init": random_init,
         "dataset": dataset if data_path is None else f"{dataset}:{Path(data_path).name}",
         "preprocessing": resolve_preprocessing(backbone).config,
         **results,
@@ -411,9 +414,20 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it has one (not for flags and required options)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m training.evaluate", description=__doc__.splitlines()[0]
+        prog="python -m training.evaluate",
+        description=__doc__.splitlines()[0],
+        formatter_class=_ShowDefaults,
     )
     parser.add_argument(
         "--model", required=True, help="name, local-dir:PATH, hf-hub:REPO or checkpoint .pt"
@@ -426,21 +440,28 @@ def _build_parser() -> argparse.ArgumentParser:
         help="fashion-mnist [IDX_FOLDER] | digits | image-folder PATH",
     )
     parser.add_argument(
-        "--random-init", action="store_true", help="evaluate the architecture without its weights"
+        "--random-init",
+        action="store_true",
+        help="evaluate the architecture without its weights, with the model's preprocessing (a "
+        "baseline; the results are marked random init)",
     )
     parser.add_argument("--protocol", default=",".join(PROTOCOLS), help="comma-separated")
     parser.add_argument("--k", type=int, default=20, help="kNN neighbours")
     parser.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature")
-    parser.add_argument("--probe-epochs", type=int, default=100)
-    parser.add_argument("--probe-batch-size", type=int, default=256)
-    parser.add_argument("--probe-lr", type=float, default=None, help="default 0.3 x batch / 256")
+    parser.add_argument("--probe-epochs", type=int, default=100, help="linear probe epochs")
+    parser.add_argument("--probe-batch-size", type=int, default=256, help="linear probe batch")
+    parser.add_argument("--probe-lr", type=float, default=None, help="default: 0.3 x batch / 256")
     parser.add_argument(
         "--probe-augment",
         action="store_true",
         help="train the probe on random-resized-crop + flip views (re-extracted every epoch)",
     )
-    parser.add_argument("--train-limit", type=int, default=None, help="use N train samples")
-    parser.add_argument("--test-limit", type=int, default=None, help="use N test samples")
+    parser.add_argument(
+        "--train-limit", type=int, default=None, help="use N train samples (default: all)"
+    )
+    parser.add_argument(
+        "--test-limit", type=int, default=None, help="use N test samples (default: all)"
+    )
     parser.add_argument("--batch-size", type=int, default=256, help="feature extraction batch")
     parser.add_argument("--workers", type=int, default=0, help="data loader workers")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Callable, Iterator
 
 import torch
@@ -134,7 +135,11 @@ def train_linear_probe(
 
     generator = torch.Generator().manual_seed(seed)
     probe.train()
-    bar = tqdm(range(epochs), desc="linear probe", unit="epoch", disable=not progress)
+    # In a log file (not a terminal) every redraw is another line: redraw rarely there.
+    redraw_s = 0.1 if sys.stderr.isatty() else 60.0
+    bar = tqdm(
+        range(epochs), desc="linear probe", unit="epoch", disable=not progress, mininterval=redraw_s
+    )
     for epoch in bar:
         if epoch > 0 and callable(train_features):
             features = epoch_features(epoch).float().to(device)
@@ -150,7 +155,7 @@ def train_linear_probe(
                 optimizer.step()
                 scheduler.step()
                 total += loss.detach() * idx.numel()
-        bar.set_postfix(loss=f"{float(total) / features.shape[0]:.4f}")
+        bar.set_postfix(loss=f"{float(total) / features.shape[0]:.4f}", refresh=False)
     return probe.eval()
 
 

@@ -12,13 +12,17 @@ Any config key can be overridden as ``key=value`` (``optim.lr=0.5 data.root=/dat
 ``--resume`` continues the run from its newest checkpoint exactly where it stopped
 (``resume=PATH`` from a given one). The run
 directory ``output_dir/run_name`` holds ``config.yaml`` (resolved), ``log.jsonl``, TensorBoard
-events under ``tb/``, step checkpoints under ``checkpoints/`` and ``final.pt``.
+events under ``tb/``, step checkpoints under ``checkpoints/`` and ``final.pt``. A new run refuses
+a run directory that already holds a run, unless it is told to ``--resume`` that run or to
+``--overwrite`` it (which deletes the old run's files first).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -41,7 +45,7 @@ from training.checkpointing import (
 )
 from training.config import Config, ConfigError, config_to_dict, load_config
 from training.data import DatasetNotFoundError, build_dataset, subset_indices
-from training.distributed import DistributedContext, init_distributed
+from training.distributed import DistributedContext, any_true, init_distributed
 from training.knn_monitor import KnnMonitor
 from training.metrics import rankme
 from training.run_log import RunLog
@@ -49,9 +53,15 @@ from training.sampler import ResumableSampler
 from training.trainer import NonFiniteLossError, Trainer, training_pretrained_cfg
 from training.views import MultiViewDataset
 
-__all__ = ["build_loader", "code_version", "main", "run", "run_dir_of"]
+__all__ = ["RunDirectoryError", "build_loader", "code_version", "main", "run", "run_dir_of"]
 
 FINAL_NAME = "final.pt"
+RUN_FILES = ("config.yaml", "log.jsonl", "tb", "checkpoints", FINAL_NAME)
+"""What a run writes into its directory; other files there are left alone."""
+
+
+class RunDirectoryError(ConfigError):
+    """The run directory already holds a run, or a checkpoint to resume from belongs to another."""
 
 
 def code_version() -> str:
@@ -74,22 +84,54 @@ def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.output_dir) / cfg.run_name
 
 
-def run(cfg: Config) -> Path:
+def run(cfg: Config, *, overwrite: bool = False) -> Path:
     """Pre-train as ``cfg`` says (in this process, or in each torchrun process) and return the
     path of the final checkpoint (``<run dir>/final.pt``; with ``max_steps`` set, the checkpoint
     written where the run stopped).
 
+    A run directory holds one run. Unless ``cfg.resume`` continues it, a run directory that
+    already holds a run's files is refused, or, with ``overwrite``, cleared of them first.
+
     Raises:
         ConfigError: if the config is invalid.
+        RunDirectoryError: if the run directory holds another run (and neither ``cfg.resume`` nor
+            ``overwrite`` is set), or the checkpoint to resume from was written by another run.
         DatasetNotFoundError: if the dataset's files are missing.
         NonFiniteLossError: if the loss stays NaN/inf for ``max_nonfinite_steps`` steps.
     """
     cfg.validate()
+    if overwrite and cfg.resume:
+        raise ConfigError("overwrite and resume contradict each other: choose one")
     ctx = init_distributed(cfg.device)
     try:
+        _claim_run_dir(cfg, ctx, overwrite)
         return _train(cfg, ctx)
     finally:
         ctx.close()
+
+
+def _claim_run_dir(cfg: Config, ctx: DistributedContext, overwrite: bool) -> None:
+    """Refuse (on every rank) or clear a run directory that holds another run's files."""
+    run_dir = run_dir_of(cfg)
+    found = [n for n in RUN_FILES if (run_dir / n).exists()] if ctx.is_main else []
+    refuse = any_true(bool(found) and not cfg.resume and not overwrite, ctx.device)
+    if refuse:
+        raise RunDirectoryError(
+            f"{run_dir} already holds a run ({', '.join(found) or 'see rank 0'}). To continue "
+            "that run, add --resume (resume=latest); to start a new one next to it, choose "
+            f"another run_name=...; to replace it, add --overwrite (run(cfg, overwrite=True) "
+            "from Python), which deletes its checkpoints, final.pt, log.jsonl, config.yaml and "
+            "TensorBoard events."
+        )
+    if overwrite and found:
+        for name in found:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        print(f"--overwrite: deleted the earlier run in {run_dir}", file=sys.stderr)
+    ctx.barrier()
 
 
 def _metadata(cfg: Config, extra: dict[str, Any]) -> dict[str, Any]:
@@ -105,6 +147,10 @@ def _metadata(cfg: Config, extra: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# What a run is: a checkpoint recording other values belongs to another run.
+_RUN_IDENTITY = ("method", "data.dataset", "model.arch", "views.num_views")
+
+
 def _resume_state(cfg: Config, ckpt_dir: Path) -> dict[str, Any] | None:
     if not cfg.resume:
         return None
@@ -112,7 +158,19 @@ def _resume_state(cfg: Config, ckpt_dir: Path) -> dict[str, Any] | None:
     if path is None:
         print(f"no checkpoint in {ckpt_dir} yet; starting from scratch", file=sys.stderr)
         return None
-    return load_training_checkpoint(path)
+    state = load_training_checkpoint(path)
+    saved = state.get("metadata", {}).get("config", {})
+    ours = config_to_dict(cfg)
+    for key in _RUN_IDENTITY:
+        section, _, name = key.rpartition(".")
+        theirs = (saved.get(section, {}) if section else saved).get(name)
+        mine = (ours[section] if section else ours)[name]
+        if theirs is not None and theirs != mine:
+            raise RunDirectoryError(
+                f"{path} belongs to another run ({key} {theirs!r}, this config has {mine!r}); "
+                "resume with that run's config, or start this one under another run_name=..."
+            )
+    return state
 
 
 def build_loader(cfg: Config, ctx: DistributedContext) -> tuple[DataLoader, ResumableSampler]:
@@ -283,26 +341,55 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue from the run's newest checkpoint (resume=PATH picks a checkpoint)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a run directory that holds an earlier run, deleting its files",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
 
 
+def _interrupted(args: argparse.Namespace, cfg: Config | None) -> str:
+    """What to tell the user after Ctrl-C: where the run stands and how to continue it."""
+    if cfg is None:
+        return "interrupted before training started"
+    newest = latest_checkpoint(run_dir_of(cfg) / "checkpoints")
+    if newest is None:
+        return (
+            f"interrupted before the first checkpoint of {run_dir_of(cfg)}; to start again, "
+            "run the same command with --overwrite"
+        )
+    command = ["python", "-m", "training.pretrain", "--config", args.config, *args.overrides]
+    return (
+        f"interrupted; the newest checkpoint is {newest} (training since then is lost). "
+        f"To continue the run from it:\n  {shlex.join([*command, '--resume'])}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (2 for bad input, 1 for an aborted run)."""
+    """Command-line entry point; returns the exit status (2 for bad input, 1 for an aborted run,
+    130 after Ctrl-C)."""
     args = _parser().parse_args(argv)
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("resume=latest")
+    is_main = os.environ.get("RANK", "0") == "0"
+    cfg = None
     try:
         cfg = load_config(args.config, overrides)
-        path = run(cfg)
+        path = run(cfg, overwrite=args.overwrite)
     except (ConfigError, DatasetNotFoundError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if os.environ.get("RANK", "0") == "0":
+    except KeyboardInterrupt:
+        if is_main:
+            print(f"\n{_interrupted(args, cfg)}", file=sys.stderr)
+        return 130
+    if is_main:
         print(path)
     return 0
 

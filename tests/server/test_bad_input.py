@@ -64,6 +64,14 @@ def test_truncated_jpeg_is_400_on_both_endpoints(server, photo_jpegs):
     assert_error(r, 400, "invalid_image", "files[0]", "cut.jpg")
 
 
+def test_png_cut_off_inside_its_header_is_400_not_415(server, photos):
+    cut = encode(photos[0], "PNG")[:30]
+    r = post_json(server, {"input": [uri(cut, "image/png")]})
+    assert_error(r, 400, "invalid_image", "input[0]", "truncated PNG")
+    r = post_files(server, [("files", ("cut.png", cut, "image/png"))])
+    assert_error(r, 400, "invalid_image", "files[0]", "cut.png")
+
+
 def test_random_bytes_are_not_an_image(server):
     noise = np.random.default_rng(0).bytes(5000)
     assert_error(post_json(server, {"input": [uri(noise)]}), 415, "unsupported_media_type", "not")

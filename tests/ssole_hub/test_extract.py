@@ -160,7 +160,9 @@ def test_a_killed_run_resumes_skipping_finished_shards(
     finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*-00000.*")}
 
     assert main(args) == 0
-    assert "embedded 12 of 15" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "embedded 12 of 15" in printed.out
+    assert "1 of 4 shards are already finished and are skipped" in printed.err
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*-00000.*")} == finished
     emb, paths = read_embeddings(out)
     clean_emb, clean_paths = read_embeddings(clean_run)

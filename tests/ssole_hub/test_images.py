@@ -218,6 +218,26 @@ def test_truncated_image_is_corrupt(astronaut, fmt):
         decode_image(data[: len(data) * 6 // 10])
 
 
+@pytest.mark.parametrize(
+    ("fmt", "keep"),
+    [
+        ("PNG", 4),
+        ("PNG", 12),
+        ("PNG", 30),
+        ("JPEG", 12),
+        ("JPEG", 20),
+        ("GIF", 12),
+        ("TIFF", 12),
+        ("WEBP", 12),
+        ("WEBP", 30),
+    ],
+)
+def test_image_cut_off_inside_its_header_is_corrupt_not_unsupported(astronaut, fmt, keep):
+    # Pillow reports these as "unidentified"; their signature says what they were meant to be.
+    with pytest.raises(CorruptImageError, match=fmt):
+        decode_image(_encode(astronaut, fmt)[:keep])
+
+
 def test_empty_input_and_empty_file_are_corrupt(tmp_path):
     with pytest.raises(CorruptImageError, match="empty"):
         decode_image(b"")

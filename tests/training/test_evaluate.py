@@ -41,6 +41,13 @@ def test_linear_probe_is_reproducible_and_learns_from_per_epoch_features(digits_
     assert augmented > 80
 
 
+def test_linear_probe_progress_does_not_flood_a_log_file(digits_split, capsys):
+    xtr, ytr, _, _ = digits_split  # under capsys stderr is not a terminal, as in a CI log
+    train_linear_probe(xtr.float(), ytr, epochs=200, batch_size=512, progress=True)
+    err = capsys.readouterr().err
+    assert 1 <= err.count("linear probe") <= 3, err
+
+
 @pytest.mark.parametrize(
     ("features", "labels", "kwargs", "message"),
     [

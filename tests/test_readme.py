@@ -1,0 +1,340 @@
+"""The README runs as written: every fenced shell command and Python snippet, in order, as a new
+user would run them in a fresh checkout (here: a copy of this one in a temporary folder).
+
+What differs from a user's run is all in this file, in three tables:
+
+- :data:`SUBSTITUTIONS`, the one substitution table: README text -> what runs here;
+- :data:`REDUCTIONS`: options appended to commands that train or evaluate, so that they run the
+  same code at a fraction of the size (later options win over the README's own);
+- :data:`USER_FILES`: the files a user brings (``photo.jpg``, ``photos/``, ...), written as real
+  scikit-image photos before the first command.
+
+A step fails when its command exits non-zero or a path it names does not exist after it ran.
+Steps that cannot run on a CPU without internet are skipped by :data:`SKIPS`, each with its
+reason (pytest's ``-rs`` lists them). A command that starts the server runs in the background
+until the last step (its port is a free one), and later ``curl`` steps talk to it.
+
+It is part of ``make test``; ``make test-readme`` (marker ``readme``) runs it alone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+pytestmark = [pytest.mark.readme, pytest.mark.slow]
+
+TRAIN_SMALL = (
+    "epochs=1 data.max_images=32 data.batch_size=8 data.num_workers=0 views.size=32 "
+    "model.projector_hidden=256 model.projector_out=256 knn.max_train_images=200 "
+    "knn.max_val_images=100"
+)
+
+# README text -> what runs here, applied to every step in this order. ``{port}`` is a free port.
+SUBSTITUTIONS: list[tuple[str, str]] = [
+    # make demo trains for minutes and then serves until Ctrl-C: the same pipeline, smaller, no serve
+    ("make demo", f"python -m training.demo --no-serve --eval-limit 300 {TRAIN_SMALL}"),
+    # no published repo to download: the folder make demo exported stands in for it
+    ("hf-hub:ORG/NAME", "local-dir:demo_out/ssole_resnet18-digits"),
+    # a user's own image folder, made of real photos in the working copy
+    ("/data/my_photos/", "my_photos/"),
+    # the environment this test runs in is the one make venv makes: use it, do not rebuild it
+    ("source .venv/bin/activate", f"source {VENV_BIN}/activate"),
+    ("make ", f"make VENV={VENV_BIN.parent} -o {VENV_BIN.parent}/.installed "),
+    # port 8000 may be taken on a shared machine
+    ("8000", "{port}"),
+]
+
+# Appended to every command that starts with the key (Python snippets: to load_config's overrides).
+REDUCTIONS: dict[str, str] = {
+    "python -m training.pretrain": TRAIN_SMALL,
+    "python -m training.evaluate": "--train-limit 300 --test-limit 100 --probe-epochs 3",
+}
+
+# Steps that cannot run here: (pattern searched in the step after substitution, reason).
+SKIPS: list[tuple[str, str]] = [
+    (r"^docker ", "needs a Docker engine"),
+    (r"^torchrun ", "launches several GPU processes or nodes"),
+    (r"--device cuda|--gpus", "needs a GPU"),
+    (r"^pip install", "installs into the environment this test runs in; needs the package index"),
+    (r"^make .*\btest\b", "is the test suite this test belongs to"),
+    (r"ssole-hub push|hf download", "publishes to or downloads from the real Hugging Face Hub"),
+    (r"hf-hub:|load_model\(\"ssole_resnet", "downloads from the real Hugging Face Hub"),
+    (r"OWNER/ssole-hub", "downloads the project from GitHub"),
+]
+if not FASHION_MNIST.is_dir():
+    SKIPS.append((r"fashion.mnist", "needs Debian's dataset-fashion-mnist"))
+
+# Files the README assumes a user has: name -> scikit-image photos it is made of.
+USER_FILES = {
+    "photo.jpg": "astronaut",
+    "cat.jpg": "chelsea",
+    "dog.png": "coffee",
+    "photos/": "every photo",
+    "data/pets/": "train/ and val/ class folders of photos",
+    "my_photos/": "train/ and val/ class folders of photos",
+}
+
+PY_PRELUDE = f"""\
+import training.config as _config
+_load_config = _config.load_config
+def _smaller(path=None, overrides=()):
+    return _load_config(path, [*overrides, *{TRAIN_SMALL.split()!r}])
+_config.load_config = _smaller
+"""
+
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field")
+LONG_RUNNING = r"^python -m server (?!.*--help)"
+
+
+@dataclass
+class Step:
+    """One command (a logical line of a bash block) or one Python block of the README."""
+
+    kind: str  # "bash" or "python"
+    text: str
+    line: int
+
+    @property
+    def id(self) -> str:
+        lines = [t for t in self.text.split("\n") if len(re.findall(r"\w", t)) > 2] or [""]
+        words = re.sub(r"\W+", "-", lines[-1 if self.kind == "python" else 0])
+        return f"L{self.line}-{words.strip('-')[:48]}"
+
+
+def readme_steps(readme: Path = REPO / "README.md") -> list[Step]:
+    """Every shell command and Python block of ``readme``'s fenced code, in order."""
+    steps, lines = [], readme.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        fence = re.match(r"^```(\w+)?\s*$", lines[i])
+        if not fence:
+            i += 1
+            continue
+        lang, start, body = fence.group(1) or "", i + 1, []
+        i += 1
+        while not lines[i].startswith("```"):
+            body.append(lines[i])
+            i += 1
+        i += 1
+        if lang == "python":
+            steps.append(Step("python", "\n".join(body), start + 1))
+        elif lang in ("bash", "sh", "shell"):
+            steps.extend(_shell_commands(body, start + 1))
+    return steps
+
+
+def _shell_commands(body: list[str], first_line: int) -> Iterator[Step]:
+    command, line = "", first_line
+    for n, raw in enumerate(body):
+        text = raw.rstrip()
+        if not command:
+            line = first_line + n
+        if text.endswith("\\"):
+            command += text[:-1] + " "
+            continue
+        command += text
+        # Comments after a command, never inside quotes (the README's JSON bodies have no '#').
+        command = re.sub(r"(^|\s)#.*$", "", command).strip()
+        if command:
+            yield Step("bash", " ".join(command.split()) if "'" not in command else command, line)
+        command = ""
+
+
+def substituted(step: Step, port: int) -> str:
+    """The step's text after :data:`SUBSTITUTIONS` and :data:`REDUCTIONS`."""
+    text = step.text
+    for old, new in SUBSTITUTIONS:
+        text = text.replace(old, new.replace("{port}", str(port)))
+    if step.kind == "bash":
+        for prefix, extra in REDUCTIONS.items():
+            if text.startswith(prefix):
+                text = f"{text} {extra}"
+    return text
+
+
+def skip_reason(text: str) -> str | None:
+    """Why a (substituted) step cannot run here, or None."""
+    for pattern, reason in SKIPS:
+        if re.search(pattern, text, re.MULTILINE):
+            return reason
+    return None
+
+
+# --- paths a step names -------------------------------------------------------------------------
+
+_SUFFIXES = (".jpg", ".png", ".pt", ".json", ".yaml", ".safetensors", ".txt", ".npy")
+_NOT_PATHS = re.compile(r"://|^/v1|^localhost|^(image|application|text|multipart)/|^\w+:\d+")
+
+
+def named_paths(text: str, kind: str) -> list[str]:
+    """Relative paths a step names: arguments and ``key=value`` values (shell) or string
+    literals (Python) that contain a ``/`` or end with a file suffix."""
+    if kind == "python":
+        words = re.findall(r"[\"']([^\"'\s]+)[\"']", text)
+    else:
+        try:
+            words = shlex.split(text)
+        except ValueError:
+            words = text.split()
+    paths = []
+    for word in words:
+        word = word.rsplit("=", 1)[-1].lstrip("@").removeprefix("local-dir:")
+        if not word or word.startswith(("-", "$")) or " " in word or _NOT_PATHS.search(word):
+            continue
+        if "/" in word or word.endswith(_SUFFIXES):
+            paths.append(word)
+    return paths
+
+
+# --- the working copy ---------------------------------------------------------------------------
+
+
+def _photo(name: str) -> Image.Image:
+    from skimage import data
+
+    arr = np.asarray(getattr(data, name)())
+    return Image.fromarray(arr).convert("RGB")
+
+
+def _labelled_folder(root: Path) -> None:
+    """train/ (16 images) and val/ (8 images) with two classes, made of real photos."""
+    for split, count in (("train", 8), ("val", 4)):
+        for label, names in (("people", PHOTOS[:3]), ("things", PHOTOS[3:])):
+            folder = root / split / label
+            folder.mkdir(parents=True)
+            for k in range(count):
+                img = _photo(names[k % 3])
+                w, h = img.size
+                box = (k * w // 40, k * h // 40, w - k * w // 50, h - k * h // 50)
+                img.crop(box).resize((96, 96)).save(folder / f"{k}.jpg", quality=90)
+
+
+def write_user_files(work: Path) -> None:
+    """The files of :data:`USER_FILES`."""
+    _photo("astronaut").save(work / "photo.jpg", quality=90)
+    _photo("chelsea").save(work / "cat.jpg", quality=90)
+    _photo("coffee").save(work / "dog.png")
+    (work / "photos").mkdir()
+    for name in PHOTOS:
+        _photo(name).save(work / "photos" / f"{name}.jpg", quality=90)
+    _labelled_folder(work / "data" / "pets")
+    _labelled_folder(work / "my_photos")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Session:
+    """The working copy, its environment, and the server a step started."""
+
+    work: Path
+    scratch: Path
+    env: dict[str, str]
+    port: int
+    server: subprocess.Popen | None = None
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory) -> Iterator[Session]:
+    work = tmp_path_factory.mktemp("readme") / "ssole-hub"
+    ignore = shutil.ignore_patterns(
+        ".git", ".venv", "runs", "demo_out", "exported", "emb", "__pycache__", "*.egg-info",
+        ".pytest_cache", ".ruff_cache", "results",
+    )  # fmt: skip
+    shutil.copytree(REPO, work, ignore=ignore)
+    write_user_files(work)
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(work),  # this copy, not the checkout the environment was installed from
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    s = Session(work, tmp_path_factory.mktemp("snippets"), env, _free_port())
+    yield s
+    if s.server is not None:
+        os.killpg(s.server.pid, signal.SIGTERM)
+        try:
+            s.server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(s.server.pid, signal.SIGKILL)
+
+
+def _start_server(s: Session, command: str) -> None:
+    log = (s.scratch / "server.log").open("w")
+    s.server = subprocess.Popen(
+        ["bash", "-c", command], cwd=s.work, env=s.env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if s.server.poll() is not None:
+            pytest.fail(f"{command} exited:\n{(s.scratch / 'server.log').read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{s.port}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{command} did not get ready in 180 s")
+
+
+STEPS = readme_steps()
+
+
+def test_the_readme_has_steps_to_run():
+    kinds = {s.kind for s in STEPS}
+    assert kinds == {"bash", "python"} and len(STEPS) > 20
+
+
+@pytest.mark.parametrize("step", STEPS, ids=[s.id for s in STEPS])
+def test_readme_step(step: Step, session: Session):
+    text = substituted(step, session.port)
+    reason = skip_reason(text)
+    if reason:
+        pytest.skip(f"README line {step.line}: {reason}")
+    if re.search(LONG_RUNNING, text):
+        if session.server is not None:
+            pytest.skip(f"README line {step.line}: a server already runs")
+        _start_server(session, text)
+    else:
+        if step.kind == "python":
+            script = session.scratch / f"readme_line_{step.line}.py"
+            prelude = PY_PRELUDE if "load_config" in text else ""
+            script.write_text(prelude + text + "\n")
+            argv = [sys.executable, str(script)]
+        else:
+            argv = ["bash", "-c", f"set -eo pipefail; {text}"]
+        done = subprocess.run(
+            argv, cwd=session.work, env=session.env, capture_output=True, text=True, timeout=900
+        )
+        assert done.returncode == 0, (
+            f"README line {step.line} failed ({done.returncode}):\n{text}\n"
+            f"--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-5000:]}"
+        )
+    missing = [p for p in named_paths(text, step.kind) if not (session.work / p).exists()]
+    assert not missing, f"README line {step.line} names paths that do not exist: {missing}"
