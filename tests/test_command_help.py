@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.settings import build_arg_parser
+from server.settings import ServerSettings, build_arg_parser
 from ssole_hub.cli import main as ssole_hub_main
 from training.evaluate import main as evaluate_main
 
@@ -21,7 +21,7 @@ def test_server_help_shows_every_default_and_the_queue_rule():
         "(required)",
         "(default: 127.0.0.1)",
         "(default: 8000)",
-        "(default: 32)",
+        f"(default: {ServerSettings.model_fields['max_batch_size'].default})",
         "(default: 256)",
         "(default: 64)",
         "(default: none)",

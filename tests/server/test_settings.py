@@ -13,9 +13,9 @@ def test_flags_override_environment_which_overrides_defaults(monkeypatch):
     monkeypatch.setenv("SSOLE_SERVER_MODEL", "local-dir:/models/from-env")
     monkeypatch.setenv("SSOLE_SERVER_MAX_BATCH_SIZE", "16")
     monkeypatch.setenv("SSOLE_SERVER_API_KEY", "s3cret-value")
-    s = settings_from_args(["--max-batch-size", "64", "--no-warmup"])
+    s = settings_from_args(["--max-batch-size", "48", "--no-warmup"])
     assert s.model == "local-dir:/models/from-env"
-    assert s.max_batch_size == 64
+    assert s.max_batch_size == 48
     assert s.warmup is False
     assert s.api_key is not None and s.api_key.get_secret_value() == "s3cret-value"
     assert "s3cret-value" not in repr(s)  # the key never shows up in logs
