@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from ssole_hub.models import RECIPE_MEAN, RECIPE_STD
+from training.data import DatasetName
 from training.objectives import METHODS
 
 __all__ = [
@@ -34,8 +35,6 @@ __all__ = [
     "load_config",
 ]
 
-DATASETS = ("folder", "fashion-mnist", "digits", "synthetic")
-
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key and what was wrong."""
@@ -45,7 +44,7 @@ class ConfigError(ValueError):
 class DataConfig:
     """Where the training images come from and how they are loaded."""
 
-    dataset: Literal["folder", "fashion-mnist", "digits", "synthetic"] = "folder"
+    dataset: DatasetName = "folder"
     root: str | None = None
     """Image folder (``folder``) or idx-file folder (``fashion-mnist``; default Debian's path)."""
     val_root: str | None = None

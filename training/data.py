@@ -19,7 +19,7 @@ import gzip
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -29,8 +29,11 @@ from torch.utils.data import Dataset
 from ssole_hub.images import decode_image, is_image_path
 
 __all__ = [
+    "DATASETS",
     "FASHION_MNIST_DIR",
+    "LABELLED_DATASETS",
     "ArrayImages",
+    "DatasetName",
     "DatasetNotFoundError",
     "ImageFolder",
     "SyntheticImages",
@@ -40,6 +43,13 @@ __all__ = [
 ]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+DatasetName = Literal["folder", "fashion-mnist", "digits", "synthetic"]
+"""The datasets this module reads: an image folder, Fashion-MNIST, scikit-learn's digits, and
+synthetic images (for benchmarks)."""
+DATASETS: tuple[str, ...] = get_args(DatasetName)
+LABELLED_DATASETS: tuple[str, ...] = ("fashion-mnist", "digits", "folder")
+"""Those with labels (a folder's labels are its class sub-folders): what evaluation takes."""
 _FASHION_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
@@ -199,9 +209,7 @@ def build_dataset(
     if name == "synthetic":
         # Train and test differ by seed so a held-out split is really held out.
         return SyntheticImages(synthetic_images, synthetic_size, seed=SPLITS.index(split))
-    raise ValueError(
-        f"unknown dataset {name!r}; choose one of folder, fashion-mnist, digits, synthetic"
-    )
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
 def labelled_splits(

@@ -3,7 +3,7 @@
 Usage::
 
     python -m training.evaluate --model ssole_resnet18.in100_m4 --dataset fashion-mnist
-    python -m training.evaluate --model run/checkpoint.pt --dataset image-folder data/pets \\
+    python -m training.evaluate --model run/checkpoint.pt --dataset folder data/pets \\
         --protocol knn,rankme --out eval.json
 
 ``--model`` takes whatever :func:`ssole_hub.hub.load_model` takes (a name, ``local-dir:PATH``,
@@ -265,9 +265,6 @@ def _evenly_spaced(dataset: Dataset, limit: int | None) -> Dataset:
     return Subset(dataset, [math.floor(i * step) for i in range(limit)])
 
 
-DATASETS = ("fashion-mnist", "digits", "image-folder")
-
-
 def labelled_datasets(
     dataset: str,
     backbone: nn.Module,
@@ -277,7 +274,7 @@ def labelled_datasets(
     """Train and test sets of ``(image tensor, label)`` with ``backbone``'s evaluation transform,
     and, if ``augmented``, the train set with random-resized-crop + flip (else ``None``).
 
-    ``image-folder`` reads ``data_path/train`` and ``data_path/val`` (or ``test``), each with one
+    ``folder`` reads ``data_path/train`` and ``data_path/val`` (or ``test``), each with one
     sub-folder per class; for ``fashion-mnist``, ``data_path`` is an optional folder of the four
     idx files (default: the Debian package's).
 
@@ -287,13 +284,15 @@ def labelled_datasets(
     """
     from timm.data import create_transform
 
-    from training.data import TransformedDataset, labelled_splits
+    from training.data import LABELLED_DATASETS, TransformedDataset, labelled_splits
 
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    if dataset == "image-folder":
+    if dataset not in LABELLED_DATASETS:
+        raise ValueError(
+            f"unknown dataset {dataset!r}; choose one of {', '.join(LABELLED_DATASETS)}"
+        )
+    if dataset == "folder":
         if data_path is None:
-            raise ValueError("image-folder needs a folder: --dataset image-folder PATH")
+            raise ValueError("the folder dataset needs a path: --dataset folder PATH")
         root = Path(data_path)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder not found: {root}")
@@ -342,8 +341,8 @@ def evaluate(
     Args:
         model: anything :func:`ssole_hub.hub.load_model` accepts, or a loaded backbone (whose
             ``pretrained_cfg`` sets the evaluation transform).
-        dataset: ``fashion-mnist``, ``digits`` or ``image-folder`` (with ``data_path``).
-        data_path: the folder for ``image-folder``; for ``fashion-mnist``, optionally a folder of
+        dataset: ``fashion-mnist``, ``digits`` or ``folder`` (with ``data_path``).
+        data_path: the image folder for ``folder``; for ``fashion-mnist``, optionally a folder of
             its idx files.
         protocols: any of :data:`PROTOCOLS`.
         pretrained: load the weights of a named model; ``False`` evaluates the random-init
@@ -437,7 +436,7 @@ def _build_parser() -> argparse.ArgumentParser:
         required=True,
         nargs="+",
         metavar="NAME",
-        help="fashion-mnist [IDX_FOLDER] | digits | image-folder PATH",
+        help="fashion-mnist [IDX_FOLDER] | digits | folder PATH",
     )
     parser.add_argument(
         "--random-init",
@@ -474,8 +473,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     dataset, *rest = args.dataset
-    if len(rest) > 1 or (rest and dataset == "digits") or (dataset == "image-folder" and not rest):
-        parser.error("--dataset takes fashion-mnist [IDX_FOLDER], digits, or image-folder PATH")
+    if len(rest) > 1 or (rest and dataset == "digits") or (dataset == "folder" and not rest):
+        parser.error("--dataset takes fashion-mnist [IDX_FOLDER], digits, or folder PATH")
     try:
         results = evaluate(
             args.model,

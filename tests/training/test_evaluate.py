@@ -94,7 +94,7 @@ def test_evaluate_reads_a_labelled_image_folder_of_real_photos(tmp_path, photos)
         "ssole_resnet18", num_classes=0, pretrained_cfg_overlay={"input_size": (3, 32, 32)}
     )
     out = evaluate(
-        model, "image-folder", tmp_path / "photos", probe_epochs=2, device="cpu", progress=False
+        model, "folder", tmp_path / "photos", probe_epochs=2, device="cpu", progress=False
     )
     assert out["train_samples"] == out["test_samples"] == len(photos)
     assert out["feature_dim"] == 512
@@ -138,7 +138,7 @@ def test_evaluate_rejects_a_folder_without_train_and_val_splits(tmp_path):
     (tmp_path / "a").mkdir()
     model = timm.create_model("ssole_resnet18", num_classes=0)
     with pytest.raises(ValueError, match="train/ and val/"):
-        evaluate(model, "image-folder", tmp_path, progress=False)
+        evaluate(model, "folder", tmp_path, progress=False)
     with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
         evaluate(model, "cifar", progress=False)
 
@@ -146,7 +146,7 @@ def test_evaluate_rejects_a_folder_without_train_and_val_splits(tmp_path):
 @pytest.mark.parametrize(
     "argv",
     [
-        ["--model", "ssole_resnet18", "--dataset", "image-folder"],
+        ["--model", "ssole_resnet18", "--dataset", "folder"],
         ["--model", "ssole_resnet18", "--dataset", "digits", "extra"],
     ],
 )
