@@ -246,7 +246,7 @@ class FeatureExtractor:
                 ``"torch"``; ``"onnx"`` / ``"onnx-int8"``: ONNX Runtime on the CPU with the
                 hub folder's ``onnx/model.onnx`` / ``onnx/model_int8.onnx`` (written by
                 ``ssole-hub export --onnx``); ``"auto"``: torch on CUDA, and on a CPU the first
-                of ``onnx-int8``, ``onnx``, ``torch`` that the folder has and that passed its
+                of ``onnx``, ``onnx-int8``, ``torch`` that the folder has and that passed its
                 fidelity check at export (logged; see
                 :func:`ssole_hub.onnx_backend.choose_backend`).
 

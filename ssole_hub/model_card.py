@@ -240,7 +240,7 @@ def _onnx_section(record: Mapping[str, Any]) -> str:
     lines += [
         "",
         "```bash",
-        "python -m server --model local-dir:FOLDER --backend onnx-int8  # or onnx, torch, auto",
+        "python -m server --model local-dir:FOLDER --backend onnx  # or onnx-int8, torch, auto",
         "```",
     ]
     return "\n".join(lines) + "\n\n"

@@ -54,8 +54,10 @@ Backend = Literal["torch", "onnx", "onnx-int8"]
 """What runs the forward pass: eager torch, ONNX Runtime float32, or ONNX Runtime int8."""
 BACKENDS: tuple[str, ...] = ("torch", "onnx", "onnx-int8", "auto")
 """Every value ``backend=`` accepts; ``auto`` picks one (see :func:`choose_backend`)."""
-BACKEND_PREFERENCE: tuple[Backend, ...] = ("onnx-int8", "onnx", "torch")
-"""The order ``auto`` tries on a CPU, fastest first."""
+BACKEND_PREFERENCE: tuple[Backend, ...] = ("onnx", "onnx-int8", "torch")
+"""The order ``auto`` tries on a CPU, fastest first, as measured by ``bench/backends.py`` on a
+2-core AVX-512 CPU (BENCHMARKS.md): float32 ONNX Runtime ran 2.0-3.2x eager torch at batch 32,
+int8 1.3-2.3x (slower than float32 there), torch with channels-last 1.4-1.6x."""
 
 ONNX_FILES: dict[str, str] = {"onnx": "onnx/model.onnx", "onnx-int8": "onnx/model_int8.onnx"}
 """The hub folder file of each ONNX backend."""
@@ -107,7 +109,7 @@ def guarded_backends(model: str | os.PathLike) -> list[Backend]:
 
 def choose_backend(backend: str, model: str | os.PathLike | Any, device: torch.device) -> Backend:
     """Resolve ``backend`` for ``model`` on ``device``; ``"auto"`` means: torch on CUDA; on a CPU
-    the first of ``onnx-int8``, ``onnx``, ``torch`` that the folder has and that passed its
+    the first of ``onnx``, ``onnx-int8``, ``torch`` that the folder has and that passed its
     fidelity check at export (:func:`guarded_backends`). Logs the choice.
 
     Raises:
