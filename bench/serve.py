@@ -88,6 +88,17 @@ def random_model_folder(out: Path, input_px: int) -> str:
     return f"local-dir:{export_hub_folder(ckpt, out / 'bench-model', overwrite=True)}"
 
 
+def export_onnx_files(model: str, jpegs: list[bytes], tmp: Path) -> None:
+    """Add ONNX files to the benchmark's model folder, int8 calibrated on the benchmark photos."""
+    from ssole_hub.onnx_export import export_onnx
+
+    photos = tmp / "calibration"
+    photos.mkdir()
+    for i, jpeg in enumerate(jpegs):
+        (photos / f"{i}.jpg").write_bytes(jpeg)
+    export_onnx(model.removeprefix("local-dir:"), calibration=photos)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process and its threads so far (Linux ``/proc``)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -321,6 +332,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="server max batch size")
     p.add_argument("--max-wait-ms", type=float, default=None, help="server max batch wait")
     p.add_argument("--decode-threads", type=int, default=None)
+    p.add_argument(
+        "--backend",
+        default="torch",
+        choices=["torch", "onnx", "onnx-int8"],
+        help="the server's forward pass; the default model gets its ONNX files exported first "
+        "(int8 calibrated on the benchmark's photos). The bound and the naive endpoint stay "
+        "torch, so both runs share those anchors",
+    )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--requests", type=int, default=128, help="requests per level (at least 8x c)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of the offline bound")
@@ -358,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or random_model_folder(Path(tmp), args.input_px)
+        if args.backend != "torch" and args.model is None:
+            export_onnx_files(model, jpegs, Path(tmp))
         images = [jpegs[i % len(jpegs)] for i in range(args.batch_size * 4)]
         offline = OfflineBound(model, args.device, args.batch_size)
         server_port, naive_port = free_port(), free_port()
@@ -366,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             "--device", args.device, "--max-batch-size", str(args.batch_size),
             "--max-batch-wait-ms", str(args.max_wait_ms), "--max-queue", "1024",
             "--decode-threads", str(args.decode_threads), "--log-level", "warning",
+            "--backend", args.backend,
         ]  # fmt: skip
         naive_cmd = [
             sys.executable, str(Path(__file__).resolve()), "--naive-server", str(naive_port),
