@@ -80,13 +80,13 @@ class EmbeddingService:
     settings: ServerSettings
     loader: BackendLoader = load_backend
     on_load_failure: Callable[[], None] | None = None
-    metrics: ServerMetrics = field(default_factory=ServerMetrics)
-    created: int = field(default_factory=lambda: int(time.time()))
-    backend: EmbeddingBackend | None = None
-    batcher: DynamicBatcher | None = None
-    load_error: str | None = None
-    _decode_pool: ThreadPoolExecutor | None = None
-    _loading: asyncio.Task | None = None
+    metrics: ServerMetrics = field(default_factory=ServerMetrics, init=False)
+    created: int = field(default_factory=lambda: int(time.time()), init=False)
+    backend: EmbeddingBackend | None = field(default=None, init=False)
+    batcher: DynamicBatcher | None = field(default=None, init=False)
+    load_error: str | None = field(default=None, init=False)
+    _decode_pool: ThreadPoolExecutor | None = field(default=None, init=False)
+    _loading: asyncio.Task | None = field(default=None, init=False)
 
     @property
     def ready(self) -> bool:
