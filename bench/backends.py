@@ -10,7 +10,10 @@ interleaved so that a change in the machine's load touches every backend alike:
 - **onnx** and **onnx-int8**: the extractor's ONNX Runtime backends on the folder's
   ``onnx/model.onnx`` and ``onnx/model_int8.onnx``, written by :func:`ssole_hub.export_onnx`
   with the int8 file calibrated on the photos (export refuses an int8 file below its limit; the
-  refusal is then recorded instead of a figure).
+  refusal is then recorded instead of a figure);
+- **openvino** and **openvino-int8**, only when the ``openvino`` package is installed: the same
+  two ONNX files compiled by OpenVINO for the CPU, to decide between the two runtimes by
+  measurement (the project ships no OpenVINO backend).
 
 Only the forward pass is timed (images are decoded and preprocessed once, beforehand). Each
 row gives the median images/s, the ratio to torch eager fp32 at the same batch size, and the
@@ -46,7 +49,6 @@ from bench.machine import load_average, machine_record
 from ssole_hub import FeatureExtractor, export_hub_folder, export_onnx, load_model
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field", "cat")
-BACKENDS = ("torch eager fp32", "torch channels_last", "onnx", "onnx-int8")
 BATCH_SIZES = (1, 32)
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -93,6 +95,30 @@ def forwards(folder: Path, record: dict) -> dict[str, Forward]:
             continue
         fx = FeatureExtractor.from_pretrained(folder, backend=backend, device="cpu")
         runs[label] = lambda x, fx=fx: fx.embed_tensor(x, "backbone", normalize=False)
+    return runs | openvino_forwards(folder, record)
+
+
+def openvino_forwards(folder: Path, record: dict) -> dict[str, Forward]:
+    """OpenVINO on the folder's ONNX files, when the package is installed (else none)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return {}
+    core = ov.Core()
+    runs: dict[str, Forward] = {}
+    for label, backend in (("openvino", "onnx"), ("openvino-int8", "onnx-int8")):
+        if backend == "onnx-int8" and "int8_refused" in record:
+            continue
+        config = {"INFERENCE_NUM_THREADS": torch.get_num_threads()}
+        compiled = core.compile_model(
+            str(folder / record["backends"][backend]["file"]), "CPU", config
+        )
+        output = compiled.output("backbone")
+
+        def forward(x: torch.Tensor, compiled=compiled, output=output) -> torch.Tensor:
+            return torch.from_numpy(compiled(x.contiguous().numpy())[output])
+
+        runs[label] = forward
     return runs
 
 
