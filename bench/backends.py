@@ -11,9 +11,11 @@ interleaved so that a change in the machine's load touches every backend alike:
   ``onnx/model.onnx`` and ``onnx/model_int8.onnx``, written by :func:`ssole_hub.export_onnx`
   with the int8 file calibrated on the photos (export refuses an int8 file below its limit; the
   refusal is then recorded instead of a figure);
-- **openvino** and **openvino-int8**, only when the ``openvino`` package is installed: the same
-  two ONNX files compiled by OpenVINO for the CPU, to decide between the two runtimes by
-  measurement (the project ships no OpenVINO backend).
+- **openvino fp32**, **openvino bf16** and **openvino-int8**, only when the ``openvino`` package
+  is installed: the same two ONNX files compiled by OpenVINO for the CPU, the float file with its
+  inference precision held at float32 and at OpenVINO's own default (bfloat16 on CPUs with
+  AVX512-BF16), to decide between the two runtimes by measurement (the project ships no OpenVINO
+  backend).
 
 Only the forward pass is timed (images are decoded and preprocessed once, beforehand). Each
 row gives the median images/s, the ratio to torch eager fp32 at the same batch size, and the
@@ -106,10 +108,15 @@ def openvino_forwards(folder: Path, record: dict) -> dict[str, Forward]:
         return {}
     core = ov.Core()
     runs: dict[str, Forward] = {}
-    for label, backend in (("openvino", "onnx"), ("openvino-int8", "onnx-int8")):
+    variants = (
+        ("openvino fp32", "onnx", {"INFERENCE_PRECISION_HINT": "f32"}),
+        ("openvino bf16", "onnx", {}),  # OpenVINO's default precision here: bf16 where supported
+        ("openvino-int8", "onnx-int8", {}),
+    )
+    for label, backend, hints in variants:
         if backend == "onnx-int8" and "int8_refused" in record:
             continue
-        config = {"INFERENCE_NUM_THREADS": torch.get_num_threads()}
+        config = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), **hints}
         compiled = core.compile_model(
             str(folder / record["backends"][backend]["file"]), "CPU", config
         )
