@@ -56,8 +56,8 @@ BACKENDS: tuple[str, ...] = ("torch", "onnx", "onnx-int8", "auto")
 """Every value ``backend=`` accepts; ``auto`` picks one (see :func:`choose_backend`)."""
 BACKEND_PREFERENCE: tuple[Backend, ...] = ("onnx", "onnx-int8", "torch")
 """The order ``auto`` tries on a CPU, fastest first, as measured by ``bench/backends.py`` on a
-2-core AVX-512 CPU (BENCHMARKS.md): float32 ONNX Runtime ran 2.0-3.2x eager torch at batch 32,
-int8 1.3-2.3x (slower than float32 there), torch with channels-last 1.4-1.6x."""
+2-core AVX-512 CPU (BENCHMARKS.md): at batch 32, float32 ONNX Runtime ran 2.0-4.5x eager torch,
+its static int8 1.5-2.9x (slower than float32 there), torch with channels-last 1.4-1.7x."""
 
 ONNX_FILES: dict[str, str] = {"onnx": "onnx/model.onnx", "onnx-int8": "onnx/model_int8.onnx"}
 """The hub folder file of each ONNX backend."""
