@@ -25,7 +25,13 @@ uses the same number of intra-op threads (torch's default, one per core). Weight
 fidelity of trained weights is what ``export_onnx`` records in each hub folder. The CPU model
 and flags and the load average before and after go in the JSON.
 
+With ``--knn``, it also pre-trains an SSOLE ResNet-18 briefly on Fashion-MNIST (the
+``fashion_mnist_r18`` recipe, ``--knn-steps`` steps), exports it with its ONNX files (int8
+calibrated on Fashion-MNIST train images) and reports the kNN top-1 (k = 20, T = 0.07) of its
+features through each shipped backend, against float32 torch.
+
     python bench/backends.py [--models ssole_resnet18 ssole_resnet50] [--images 64] [--repeats 3]
+    python bench/backends.py --knn [--knn-train 4000 --knn-test 2000]
 """
 
 from __future__ import annotations
@@ -191,6 +197,46 @@ def bench_model(model_name: str, root: Path, photo_paths: list[Path], args) -> d
     return {"model": model_name, "export": record, "rows": rows}
 
 
+def knn_through_backends(root: Path, args) -> dict:
+    """kNN top-1 of a briefly trained Fashion-MNIST model through each shipped backend."""
+    from training.config import load_config
+    from training.data import labelled_splits, subset_indices
+    from training.metrics import knn_top1
+    from training.pretrain import run
+
+    train, test = labelled_splits("fashion-mnist")
+    overrides = [
+        f"output_dir={root}", "run_name=knn", f"data.max_images={args.knn_steps * 256}",
+        "epochs=1", "knn.every_epochs=0", "knn.at_start=false", "data.num_workers=0",
+    ]  # fmt: skip
+    started = time.perf_counter()
+    checkpoint = run(load_config("training/configs/fashion_mnist_r18.yaml", overrides))
+    train_s = time.perf_counter() - started
+    calibration = root / "calibration"
+    calibration.mkdir()
+    for i in subset_indices(len(train), 64, seed=1):
+        train[i][0].save(calibration / f"{i}.png")
+    folder = export_hub_folder(checkpoint, root / "fashion-mnist-brief")
+    record = export_onnx(folder, calibration=calibration)
+    train_idx = subset_indices(len(train), args.knn_train)
+    test_idx = subset_indices(len(test), args.knn_test)
+    rows = {}
+    for backend in ("torch", "onnx", "onnx-int8"):
+        fx = FeatureExtractor.from_pretrained(folder, backend=backend, device="cpu")
+
+        def features(dataset, index, fx=fx):
+            images = [dataset[i][0] for i in index]
+            return fx.embed(images, batch_size=256, normalize=False)
+
+        labels = [
+            torch.tensor([d[i][1] for i in ix]) for d, ix in ((train, train_idx), (test, test_idx))
+        ]
+        top1 = knn_top1(features(train, train_idx), labels[0], features(test, test_idx), labels[1])
+        rows[backend] = round(top1, 2)
+    return {"train_seconds": round(train_s, 1), "export": record, "knn_top1": rows,
+            "train_images": len(train_idx), "test_images": len(test_idx)}  # fmt: skip
+
+
 def print_table(results: list[dict]) -> None:
     print(f"{'model':16} {'backend':20} {'batch':>5} {'img/s':>9} {'x eager':>8} {'min cos':>9}")
     for result in results:
@@ -210,8 +256,17 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["ssole_resnet18", "ssole_resnet50"])
     parser.add_argument("--images", type=int, default=64, help="images per timed pass")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "backends.json"))
+    parser.add_argument("--out", default=None, help="default: bench/results/backends[_knn].json")
+    parser.add_argument("--knn", action="store_true", help="the kNN of a trained model instead")
+    parser.add_argument("--knn-steps", type=int, default=16, help="pre-training steps (batch 256)")
+    parser.add_argument("--knn-train", type=int, default=4000, help="kNN bank images")
+    parser.add_argument("--knn-test", type=int, default=2000, help="kNN test images")
     args = parser.parse_args()
+    name = "backends_knn.json" if args.knn else "backends.json"
+    args.out = args.out or str(Path(__file__).parent / "results" / name)
+    if args.knn:
+        main_knn(args)
+        return
 
     machine = machine_record()
     with tempfile.TemporaryDirectory(prefix="bench-backends-") as tmp:
@@ -238,6 +293,28 @@ def main() -> None:
         "load_average_after": load_average(),
     }
     out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+def main_knn(args) -> None:
+    """``--knn``: train briefly, export, and compare kNN top-1 across backends."""
+    machine = machine_record()
+    with tempfile.TemporaryDirectory(prefix="bench-backends-knn-") as tmp:
+        result = knn_through_backends(Path(tmp), args)
+    torch_top1 = result["knn_top1"]["torch"]
+    print(f"{'backend':10} {'kNN top-1':>9} {'vs torch':>9}")
+    for backend, top1 in result["knn_top1"].items():
+        print(f"{backend:10} {top1:>9.2f} {top1 - torch_top1:>+9.2f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "benchmark": "backends-knn",
+        "command": "python bench/backends.py " + " ".join(sys.argv[1:]),
+        "machine": machine,
+        **result,
+        "load_average_after": load_average(),
+    }
+    out.write_text(json.dumps(record, indent=1, default=str))
     print(f"wrote {out}")
 
 
