@@ -23,7 +23,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server.backend import BackendLoader, load_backend
 from server.errors import APIError, error_body, install_error_handlers
-from server.inputs import base64_image, check_part_type, upload_reader
+from server.inputs import base64_image, upload_reader
 from server.metrics import CONTENT_TYPE_LATEST
 from server.middleware import BodyCheck, RequestMetrics
 from server.schemas import (
@@ -231,13 +231,10 @@ async def upload_embeddings(
     service = get_service(request)
     check_model(service, model)
     names = [f"files[{i}] ({f.filename or 'unnamed'})" for i, f in enumerate(files)]
-    service.check_request(len(files), output)
-    for upload, name in zip(files, names, strict=True):
-        check_part_type(upload, name)
     max_bytes = service.settings.max_image_bytes
     embedded = await service.embed(
         request,
-        [upload_reader(f, max_bytes) for f in files],
+        [upload_reader(f, name, max_bytes) for f, name in zip(files, names, strict=True)],
         names,
         output=output,
         normalize=normalize,

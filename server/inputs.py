@@ -16,7 +16,7 @@ from fastapi import UploadFile
 from server.errors import APIError
 from ssole_hub import CorruptImageError, ImageTooLargeError, UnsupportedImageError
 
-__all__ = ["base64_image", "check_part_type", "image_error", "upload_reader"]
+__all__ = ["base64_image", "image_error", "upload_reader"]
 
 _DATA_URI = re.compile(r"^data:(?P<type>[^;,]*)(?P<params>(;[^;,]*)*),", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
@@ -63,7 +63,7 @@ def base64_image(text: str, where: str, max_bytes: int) -> bytes:
         raise APIError.bad_request("invalid_base64", f"{where} is not valid base64: {exc}") from exc
 
 
-def check_part_type(upload: UploadFile, where: str) -> None:
+def _check_part_type(upload: UploadFile, where: str) -> None:
     """Refuse a multipart part that declares a non-image content type (415)."""
     media_type = (upload.content_type or "").split(";")[0].strip().lower()
     # Clients that do not know the type send application/octet-stream (or nothing): let the
@@ -78,11 +78,12 @@ def check_part_type(upload: UploadFile, where: str) -> None:
         )
 
 
-def upload_reader(upload: UploadFile, max_bytes: int) -> Callable[[], bytes]:
-    """A thunk reading an uploaded part; it reads one byte past ``max_bytes`` so that the
-    decoder reports the size as too large."""
+def upload_reader(upload: UploadFile, where: str, max_bytes: int) -> Callable[[], bytes]:
+    """A thunk reading an uploaded part: 415 for a part that declares a non-image type, else its
+    bytes, one past ``max_bytes`` so that the decoder reports the size as too large."""
 
     def read() -> bytes:
+        _check_part_type(upload, where)
         upload.file.seek(0)
         return upload.file.read(max_bytes + 1)
 

@@ -168,9 +168,11 @@ class EmbeddingService:
         message = f"model failed to load: {self.load_error}"
         return APIError(503, "model_load_failed", message, type="server_error")
 
-    def check_request(self, n_items: int, output: Output | None) -> Output:
+    def check_request(
+        self, n_items: int, output: Output | None
+    ) -> tuple[Output, EmbeddingBackend, DynamicBatcher]:
         """Check a request's size, output and the queue's room before any decoding; returns the
-        output to compute.
+        output to compute, the backend and the batcher.
 
         Raises:
             APIError: 503 not ready / queue full, 422 no images, 413 too many, 400 no output.
@@ -194,7 +196,7 @@ class EmbeddingService:
             batcher.check_capacity(n_items)
         except QueueFullError as exc:
             raise self._queue_full(exc) from exc
-        return chosen
+        return chosen, backend, batcher
 
     def _queue_full(self, exc: QueueFullError) -> APIError:
         self.metrics.rejected.labels("queue_full").inc()
@@ -217,8 +219,7 @@ class EmbeddingService:
             APIError: as :meth:`check_request`, or the first bad image's 400 / 413 / 415.
         """
         started = time.perf_counter()
-        chosen = self.check_request(len(items), output)
-        backend, batcher = self.ready_parts()
+        chosen, backend, batcher = self.check_request(len(items), output)
         images = await self._decode(backend, items, names)
         decode_s = time.perf_counter() - started
         work = asyncio.ensure_future(batcher.submit([(x, normalize) for x in images], chosen))
