@@ -335,10 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--backend",
         default="torch",
-        choices=["torch", "onnx", "onnx-int8"],
+        choices=["torch", "onnx", "onnx-bf16", "onnx-int8"],
         help="the server's forward pass; the default model gets its ONNX files exported first "
         "(int8 calibrated on the benchmark's photos). The bound and the naive endpoint stay "
-        "torch, so both runs share those anchors",
+        "torch, and a second server on torch is measured in the same rounds (server / torch "
+        "server)",
     )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--requests", type=int, default=128, help="requests per level (at least 8x c)")
@@ -398,6 +399,12 @@ def main(argv: list[str] | None = None) -> int:
             "server": (f"http://127.0.0.1:{server_port}", procs[0].pid),
             "naive": (f"http://127.0.0.1:{naive_port}", procs[1].pid),
         }
+        if args.backend != "torch":  # the same server on torch, in the same rounds
+            torch_port = free_port()
+            torch_cmd = [*server_cmd[:-1], "torch"]
+            torch_cmd[torch_cmd.index("--port") + 1] = str(torch_port)
+            procs.append(start(torch_cmd, torch_port))
+            urls["torch"] = (f"http://127.0.0.1:{torch_port}", procs[-1].pid)
         bounds, batch_times = [], []
         runs: dict[str, dict[int, list[dict]]] = {
             k: {c: [] for c in args.concurrency} for k in urls
@@ -436,9 +443,19 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     rows = []
-    for srv, naive in zip(results["server"], results["naive"], strict=True):
+    torch_levels = results.get("torch") or [None] * len(results["server"])
+    for srv, naive, on_torch in zip(results["server"], results["naive"], torch_levels, strict=True):
+        vs_torch = {}
+        if on_torch is not None:
+            vs_torch = {
+                "torch_server_images_per_s": on_torch["images_per_s"],
+                "server_vs_torch_server": srv["images_per_s"] / on_torch["images_per_s"],
+                "server_vs_torch_server_per_cpu_s": srv["images_per_cpu_s"]
+                / on_torch["images_per_cpu_s"],
+            }
         rows.append(
-            {
+            vs_torch
+            | {
                 "concurrency": srv["concurrency"],
                 "server_images_per_s": srv["images_per_s"],
                 "naive_images_per_s": naive["images_per_s"],
@@ -485,6 +502,13 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['server_p99_ms']:.0f} | {r['p99_over_full_batch']:.2f} "
             f"| {r['naive_p99_ms']:.0f} |"
         )
+        if "server_vs_torch_server" in r:
+            print(
+                f"|   {args.backend} server / torch server at c={r['concurrency']}: "
+                f"{r['server_vs_torch_server']:.2f} (wall), "
+                f"{r['server_vs_torch_server_per_cpu_s']:.2f} (per CPU-s); torch server "
+                f"{r['torch_server_images_per_s']:.1f} img/s"
+            )
     machine["load_average_after"] = load_average()
     print(
         f"load average before {machine['load_average_before']}, "

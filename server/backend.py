@@ -90,7 +90,7 @@ class ExtractorBackend:
 
 def load_backend(settings: ServerSettings) -> ExtractorBackend:
     """Load ``settings.model`` once, with its projector when it has one, on ``settings.backend``
-    (ONNX Runtime sessions take the calling thread's torch thread count: the inference threads).
+    (OpenVINO models take the calling thread's torch thread count: the inference threads).
 
     Raises:
         ValueError, FileNotFoundError, ssole_hub.HubFolderError: from the model loader.

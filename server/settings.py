@@ -41,12 +41,12 @@ class ServerSettings(BaseSettings):
         default="auto",
         description="compute dtype; auto: bfloat16 on GPUs that support it, float32 on CPU",
     )
-    backend: Literal["auto", "torch", "onnx", "onnx-int8"] = Field(
+    backend: Literal["auto", "torch", "onnx", "onnx-bf16", "onnx-int8"] = Field(
         default="auto",
-        description="forward pass: torch, or ONNX Runtime on the CPU with the model folder's "
-        "onnx/model.onnx (onnx) or onnx/model_int8.onnx (onnx-int8); auto: torch on a GPU, else "
-        "the first of onnx, onnx-int8, torch that the folder has and that passed its export check "
-        "(fastest first, as measured)",
+        description="forward pass: torch, or OpenVINO on the CPU with the model folder's "
+        "onnx/model.onnx (onnx: float32, onnx-bf16: bfloat16) or onnx/model_int8.onnx "
+        "(onnx-int8); auto: torch on a GPU, else the fastest backend that the folder has and "
+        "that passed its export check (as measured)",
     )
     default_output: Output = Field(
         default="backbone", description="embedding returned when a request names no `output`"

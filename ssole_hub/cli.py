@@ -11,6 +11,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ssole_hub.onnx_backend import BACKENDS
+
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -97,9 +99,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backend",
         default="torch",
-        choices=("torch", "onnx", "onnx-int8", "auto"),
-        help="forward pass: torch, or ONNX Runtime on the CPU (the folder's onnx/ files); "
-        "auto = the fastest checked one the folder has",
+        choices=BACKENDS,
+        help="forward pass: torch, or OpenVINO on the CPU with the folder's onnx/ files (onnx: "
+        "float32, onnx-bf16, onnx-int8); auto = the fastest checked one the folder has",
     )
     p.set_defaults(func=_extract)
     return parser
@@ -135,9 +137,17 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _print_onnx(record: dict) -> None:
-    for figures in record["backends"].values():
+    for backend, figures in record["backends"].items():
         cosines = ", ".join(f"{k} {v:.6f}" for k, v in figures["min_cosine"].items())
-        print(f"{figures['file']}: min cosine to torch {cosines} (limit {figures['limit']})")
+        shares = ", ".join(f"{k} {v:.4f}" for k, v in figures["neighbour_agreement"].items())
+        verdict = (
+            "passed" if figures["passed"] else "NOT passed: " + "; ".join(figures["shortfalls"])
+        )
+        print(
+            f"{backend} ({figures['file']}, {figures['precision']}): min cosine to torch "
+            f"{cosines} (limit {figures['limit']}); neighbour agreement {shares or 'n/a'} "
+            f"(limit {figures['neighbour_agreement_limit']}); {verdict}"
+        )
 
 
 def _validate(args: argparse.Namespace) -> int:

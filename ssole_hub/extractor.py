@@ -4,8 +4,9 @@ Preprocessing is never written here: it comes from the one resolver,
 :func:`ssole_hub.preprocessing.resolve_preprocessing` (timm's eval transform from the model's own
 pretrained config), so the extractor, ``ssole-hub extract``, the server and evaluation all feed a
 model exactly what it was trained for. The forward pass is
-:class:`ssole_hub.models.SSOLEModel`'s (``backend="torch"``) or an ONNX Runtime session's
-(:class:`ssole_hub.onnx_backend.OnnxModel`, ``"onnx"`` / ``"onnx-int8"``), called the same way;
+:class:`ssole_hub.models.SSOLEModel`'s (``backend="torch"``) or OpenVINO's on the folder's ONNX
+files (:class:`ssole_hub.onnx_backend.OnnxModel`, ``"onnx"``, ``"onnx-bf16"``, ``"onnx-int8"``),
+called the same way;
 nothing else differs between backends.
 """
 
@@ -243,11 +244,11 @@ class FeatureExtractor:
                 model's resize size (``draft_size`` of :func:`ssole_hub.images.decode_image`):
                 much less decoding work, embeddings slightly different from a full decode.
             backend: what runs the forward pass (preprocessing is the same for all):
-                ``"torch"``; ``"onnx"`` / ``"onnx-int8"``: ONNX Runtime on the CPU with the
-                hub folder's ``onnx/model.onnx`` / ``onnx/model_int8.onnx`` (written by
-                ``ssole-hub export --onnx``); ``"auto"``: torch on CUDA, and on a CPU the first
-                of ``onnx``, ``onnx-int8``, ``torch`` that the folder has and that passed its
-                fidelity check at export (logged; see
+                ``"torch"``; ``"onnx"`` / ``"onnx-bf16"`` / ``"onnx-int8"``: OpenVINO on the
+                CPU with the hub folder's ``onnx/model.onnx`` (at float32 / bfloat16
+                precision) or ``onnx/model_int8.onnx`` (written by ``ssole-hub export
+                --onnx``); ``"auto"``: torch on CUDA, and on a CPU the fastest backend that
+                the folder has and that passed its fidelity check at export (logged; see
                 :func:`ssole_hub.onnx_backend.choose_backend`).
 
         Raises:

@@ -296,7 +296,7 @@ def _check_onnx_files(path: Path, backbone: nn.Module, projector_config: Any) ->
 def validate_hub_folder(folder: str | os.PathLike[str]) -> HubFolder:
     """Check a hub folder completely: every file present and readable, ``config.json`` loads in
     timm, the weights fit the architecture (keys and shapes), the projector fits the backbone,
-    the model card has the Hub front matter, and any ONNX files (``onnx/``) load in ONNX Runtime
+    the model card has the Hub front matter, and any ONNX files (``onnx/``) load in OpenVINO
     with the input and output widths the config gives. Returns what it found.
 
     Raises:

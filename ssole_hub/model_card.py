@@ -216,7 +216,7 @@ curl -s http://localhost:8000/v1/embeddings -H 'Content-Type: application/json' 
 """
 
 
-ONNX_SECTION = "## ONNX Runtime"
+ONNX_SECTION = "## ONNX backends"
 
 
 def _onnx_section(record: Mapping[str, Any]) -> str:
@@ -224,30 +224,34 @@ def _onnx_section(record: Mapping[str, Any]) -> str:
     lines = [
         ONNX_SECTION,
         "",
-        "`onnx/` holds ONNX exports for fast CPU inference (input `images`, dynamic batch; outputs"
-        " `backbone` and, with a projector, `projector`). Each was checked against float32 torch"
-        f" on {photos.get('count', '?')} real photos ({photos.get('source', '?')}); the smallest"
-        " cosine similarity per output:",
+        "`onnx/` holds ONNX exports for fast CPU inference with OpenVINO (input `images`, dynamic"
+        " batch; outputs `backbone` and, with a projector, `projector`). Each backend was checked"
+        f" against float32 torch on {photos.get('count', '?')} real photos"
+        f" ({photos.get('source', '?')}): the smallest cosine similarity, and the share of each"
+        " photo's nearest neighbours that stay the same.",
         "",
-        "| backend | file | output | min cosine | limit |",
-        "| --- | --- | --- | --- | --- |",
+        "| backend | file | precision | output | min cosine (limit) | neighbour agreement | passed |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for backend, figures in (record.get("backends") or {}).items():
+        agreement = figures.get("neighbour_agreement") or {}
         for output, cosine in figures["min_cosine"].items():
+            share = f"{agreement[output]:.4f}" if output in agreement else "n/a"
             lines.append(
-                f"| {backend} | `{figures['file']}` | {output} | {cosine:.6f} | {figures['limit']} |"
+                f"| {backend} | `{figures['file']}` | {figures.get('precision', 'f32')} | {output}"
+                f" | {cosine:.6f} ({figures['limit']}) | {share} | {figures.get('passed', True)} |"
             )
     lines += [
         "",
         "```bash",
-        "python -m server --model local-dir:FOLDER --backend onnx  # or onnx-int8, torch, auto",
+        "python -m server --model local-dir:FOLDER --backend onnx  # or onnx-bf16, onnx-int8, auto",
         "```",
     ]
     return "\n".join(lines) + "\n\n"
 
 
 def with_onnx_section(card: str, record: Mapping[str, Any]) -> str:
-    """``card`` with its ONNX Runtime section (fidelity figures of ``record``, the ``"onnx"``
+    """``card`` with its ONNX backends section (fidelity figures of ``record``, the ``"onnx"``
     entry of ``ssole.json``) written or replaced, before the citation."""
     start = card.find(ONNX_SECTION)
     if start >= 0:

@@ -1,4 +1,4 @@
-"""The server on ONNX Runtime backends: same API, same shapes, values within each backend's guard."""
+"""The server on the ONNX backends (OpenVINO): same API, same shapes, values within each guard."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from ssole_hub import FeatureExtractor, export_onnx
+from ssole_hub.onnx_backend import FIDELITY_LIMITS
 
-BACKENDS = ("onnx", "onnx-int8")
+BACKENDS = ("onnx", "onnx-bf16", "onnx-int8")
 
 
 def uri(data: bytes) -> str:
@@ -66,7 +67,7 @@ def test_embeddings_match_the_offline_extractor_and_torch(
     assert np.allclose(norms, 1, atol=1e-5) == normalize
     reference = extractors(output, normalize).embed(photo_jpegs).numpy()
     cosine = (got * reference).sum(1) / (norms * np.linalg.norm(reference, axis=1))
-    assert cosine.min() >= (0.9999 if backend == "onnx" else 0.99)
+    assert cosine.min() >= FIDELITY_LIMITS[backend]
 
 
 def test_a_bad_image_is_a_400_naming_it(onnx_server, photo_jpegs):

@@ -1,4 +1,4 @@
-"""ONNX Runtime backends: export guarded against torch on real photos, loading, failures, extract."""
+"""ONNX backends (OpenVINO): export guarded against torch on real photos, loading, failures, extract."""
 
 from __future__ import annotations
 
@@ -25,7 +25,13 @@ from ssole_hub import (
 )
 from ssole_hub.cli import main
 from ssole_hub.extract import read_embeddings
-from ssole_hub.onnx_backend import FIDELITY_LIMITS, ONNX_FILES
+from ssole_hub.onnx_backend import (
+    BACKEND_PREFERENCE,
+    FIDELITY_LIMITS,
+    ONNX_FILES,
+    guarded_backends,
+)
+from ssole_hub.onnx_export import neighbour_agreement
 
 REPO = Path(__file__).resolve().parents[2]
 PX = 64
@@ -96,14 +102,42 @@ def test_int8_keeps_cosine_to_float32_above_its_limit(onnx_folder, jpeg_dir, out
 def test_export_records_its_figures_in_ssole_json_and_the_card(onnx_folder):
     record = json.loads((onnx_folder / "ssole.json").read_text())["onnx"]
     assert record["guard_photos"] == {"source": "calibration", "count": 6}
-    assert set(record["backends"]) == {"onnx", "onnx-int8"}
+    assert set(record["backends"]) == {"onnx", "onnx-bf16", "onnx-int8"}
+    assert set(record["runtime"]) == {"openvino", "onnxruntime_quantizer"}
     for backend, figures in record["backends"].items():
+        assert figures["passed"] is True
+        assert set(figures["min_cosine"]) == set(figures["neighbour_agreement"])
         assert set(figures["min_cosine"]) == {"backbone", "projector"}
         assert min(figures["min_cosine"].values()) >= FIDELITY_LIMITS[backend]
+        assert min(figures["neighbour_agreement"].values()) >= figures["neighbour_agreement_limit"]
+    assert record["backends"]["onnx"]["precision"] == "f32"
     card = (onnx_folder / "README.md").read_text()
-    int8 = record["backends"]["onnx-int8"]["min_cosine"]["backbone"]
-    assert f"| onnx-int8 | `onnx/model_int8.onnx` | backbone | {int8:.6f} | 0.99 |" in card
-    assert card.index("## ONNX Runtime") < card.index("## Citation")
+    int8 = record["backends"]["onnx-int8"]
+    share = int8["neighbour_agreement"]["backbone"]
+    row = f"| onnx-int8 | `onnx/model_int8.onnx` | f32 | backbone | {int8['min_cosine']['backbone']:.6f}"
+    assert f"{row} (0.99) | {share:.4f} | True |" in card
+    assert card.index("## ONNX backends") < card.index("## Citation")
+
+
+def test_bf16_keeps_its_limit_and_reports_the_precision_it_runs_at(onnx_folder, jpeg_dir):
+    """bfloat16 where this CPU has it (OpenVINO keeps float32 elsewhere); the record says which."""
+    images = sorted(jpeg_dir.glob("*.jpg"))
+    fx = FeatureExtractor.from_pretrained(onnx_folder, backend="onnx-bf16", device="cpu")
+    record = json.loads((onnx_folder / "ssole.json").read_text())["onnx"]["backends"]
+    assert fx.model.precision == record["onnx-bf16"]["precision"]
+    reference = _embed(onnx_folder, "torch", images, "backbone", False)
+    got = fx.embed(images, batch_size=4, output="backbone", normalize=False)
+    assert F.cosine_similarity(got, reference, dim=1).min() >= FIDELITY_LIMITS["onnx-bf16"]
+    if fx.model.precision == "bf16":
+        assert not torch.allclose(got, reference, atol=1e-4)  # it really is another computation
+
+
+def test_neighbour_agreement_counts_the_neighbours_that_stay():
+    torch.manual_seed(0)
+    points = torch.randn(12, 8)
+    assert neighbour_agreement(points, points * 3.0, k=3) == 1.0
+    shuffled = points[torch.randperm(12)]
+    assert neighbour_agreement(points, shuffled, k=3) < 0.5
 
 
 def test_onnx_files_take_images_and_give_both_outputs_with_dynamic_batch(onnx_folder):
@@ -126,25 +160,27 @@ def test_vanilla_timm_ignores_the_onnx_files(onnx_folder, photos):
     torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_auto_prefers_float32_then_int8_then_torch(onnx_folder, plain_folder, tmp_path):
-    """The measured order (bench/backends.py): float32 ONNX Runtime was the fastest here."""
+def test_auto_takes_the_fastest_backend_that_passed(onnx_folder, plain_folder, tmp_path):
+    """The measured order (bench/backends.py), skipping a backend that missed its guard."""
 
     def chosen(folder):
         return FeatureExtractor.from_pretrained(folder, backend="auto", device="cpu").backend
 
-    assert chosen(onnx_folder) == "onnx"
+    first, second = BACKEND_PREFERENCE[:2]
+    assert chosen(onnx_folder) == first
     assert chosen(plain_folder) == "torch"
-    failed_float = _copy(onnx_folder, tmp_path / "failed")
-    ssole = json.loads((failed_float / "ssole.json").read_text())
-    ssole["onnx"]["backends"]["onnx"]["passed"] = False  # a float32 file that missed its guard
-    (failed_float / "ssole.json").write_text(json.dumps(ssole))
-    assert chosen(failed_float) == "onnx-int8"
+    failed_first = _copy(onnx_folder, tmp_path / "failed")
+    ssole = json.loads((failed_first / "ssole.json").read_text())
+    ssole["onnx"]["backends"][first]["passed"] = False  # as if it had missed its guard
+    (failed_first / "ssole.json").write_text(json.dumps(ssole))
+    assert chosen(failed_first) == second
     float_only = _copy(onnx_folder, tmp_path)
     assert main(["export", "--out", str(float_only), "--onnx"]) == 0
     assert not (float_only / ONNX_FILES["onnx-int8"]).exists()
     record = json.loads((float_only / "ssole.json").read_text())["onnx"]
     assert record["guard_photos"] == {"source": "scikit-image", "count": 6}
-    assert chosen(float_only) == "onnx"
+    float_backends = [b for b in BACKEND_PREFERENCE if b in ("onnx", "onnx-bf16")]
+    assert chosen(float_only) == float_backends[0]
 
 
 def test_export_command_writes_folder_and_onnx_files_from_a_checkpoint(
@@ -156,8 +192,9 @@ def test_export_command_writes_folder_and_onnx_files_from_a_checkpoint(
     assert "add --onnx" in capsys.readouterr().err and not out.exists()
     assert main([*argv, "--onnx", "--calibration", str(jpeg_dir)]) == 0
     printed = capsys.readouterr().out
-    assert "onnx/model.onnx: min cosine to torch backbone" in printed
-    assert "onnx/model_int8.onnx: min cosine to torch backbone" in printed
+    for line in ("onnx (onnx/model.onnx, f32)", "onnx-int8 (onnx/model_int8.onnx, f32)"):
+        assert f"{line}: min cosine to torch backbone" in printed
+    assert "onnx-bf16 (onnx/model.onnx," in printed and "NOT passed" not in printed
     assert validate_hub_folder(out).onnx_files == list(ONNX_FILES.values())
 
 
@@ -172,6 +209,37 @@ def test_int8_missing_its_limit_is_refused_with_the_shortfall(
     ):
         export_onnx(folder, calibration=jpeg_dir)
     assert (folder / ONNX_FILES["onnx-int8"]).read_bytes() == before
+
+
+def test_a_file_that_changes_retrieval_is_refused_naming_the_check(
+    onnx_folder, jpeg_dir, tmp_path, monkeypatch
+):
+    """With the neighbour-agreement limit above 1, no file can pass: the first is refused by
+    that check alone (its cosine is fine), and the folder keeps its files."""
+    import ssole_hub.onnx_export as onnx_export
+
+    folder = _copy(onnx_folder, tmp_path)
+    before = (folder / ONNX_FILES["onnx"]).read_bytes()
+    monkeypatch.setattr(onnx_export, "NEIGHBOUR_AGREEMENT_LIMIT", 1.01)
+    with pytest.raises(ValueError, match=r"model.onnx: neighbour agreement .* below the limit"):
+        onnx_export.export_onnx(folder, calibration=jpeg_dir)
+    assert (folder / ONNX_FILES["onnx"]).read_bytes() == before
+
+
+def test_bf16_missing_its_limit_is_marked_not_passed_and_skipped_by_auto(
+    onnx_folder, tmp_path, monkeypatch
+):
+    """bfloat16 runs the float32 file, so missing its limit keeps the file (float32 passed) and
+    only marks the backend, which ``auto`` then skips."""
+    folder = _copy(onnx_folder, tmp_path)
+    if FeatureExtractor.from_pretrained(folder, backend="onnx-bf16").model.precision != "bf16":
+        pytest.skip("this CPU has no bfloat16: OpenVINO runs onnx-bf16 in float32")
+    monkeypatch.setitem(FIDELITY_LIMITS, "onnx-bf16", 0.9999999)
+    bf16 = export_onnx(folder)["backends"]["onnx-bf16"]
+    assert bf16["passed"] is False and "min cosine" in bf16["shortfalls"][0]
+    assert (folder / ONNX_FILES["onnx"]).is_file()
+    assert "onnx-bf16" not in guarded_backends(folder)
+    assert "onnx" in guarded_backends(folder)
 
 
 def test_a_folder_without_onnx_files_names_the_export_command(plain_folder):
@@ -221,11 +289,11 @@ def test_extract_with_int8_writes_the_rows_of_torch(onnx_folder, jpeg_dir, tmp_p
 def test_without_onnx_packages_import_works_and_auto_uses_torch(onnx_folder):
     script = (
         "import sys\n"
-        "sys.modules.update(onnx=None, onnxruntime=None)  # importing them now fails\n"
+        "sys.modules.update(onnx=None, onnxruntime=None, openvino=None)  # importing fails\n"
         "import ssole_hub\n"
         f"fx = ssole_hub.FeatureExtractor.from_pretrained({str(onnx_folder)!r}, device='cpu',"
         " backend='auto')\n"
-        "print(fx.backend, sys.modules['onnxruntime'])\n"
+        "print(fx.backend, sys.modules['openvino'])\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300
