@@ -25,7 +25,7 @@ from server.backend import BackendLoader, load_backend
 from server.errors import APIError, error_body, install_error_handlers
 from server.inputs import base64_image, upload_reader
 from server.metrics import CONTENT_TYPE_LATEST
-from server.middleware import BodyCheck, RequestMetrics
+from server.middleware import BodyCheck, CORSPolicy, RequestMetrics
 from server.schemas import (
     EmbeddingRequest,
     EmbeddingResponse,
@@ -72,8 +72,11 @@ def create_app(
     app.state.service = service
     install_error_handlers(app)
     app.include_router(router)
-    # Added last = outermost: rejected bodies are counted in the metrics too.
+    # Added last = outermost: rejected bodies are counted in the metrics too, and carry the CORS
+    # headers, so that a page on an allowed origin can read why it was refused.
     app.add_middleware(BodyCheck, max_bytes=settings.max_request_bytes)
+    if settings.cors_allow_origin:
+        app.add_middleware(CORSPolicy, allow_origins=settings.cors_allow_origin)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
     return app
 

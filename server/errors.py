@@ -5,7 +5,8 @@ status      type                     codes
 ==========  =======================  ==============================================================
 400         invalid_request_error    invalid_image (damaged/truncated/empty), invalid_base64,
                                      invalid_json, empty_body, output_unavailable, bad_request
-                                     (malformed multipart)
+                                     (malformed multipart), cors_preflight_refused (an origin,
+                                     method or header that --cors-allow-origin does not allow)
 401         authentication_error     invalid_api_key (with ``WWW-Authenticate: Bearer``)
 404         not_found_error          model_not_found (``model`` names another model), not_found
 405         invalid_request_error    method_not_allowed

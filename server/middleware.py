@@ -1,15 +1,20 @@
-"""Pure-ASGI middleware: the request-body check and request metrics (streaming stays untouched)."""
+"""Pure-ASGI middleware: the request-body check, request metrics (streaming stays untouched) and
+the CORS policy."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import APIError, error_response
 from server.metrics import ServerMetrics
 
-__all__ = ["BodyCheck", "RequestMetrics"]
+__all__ = ["BodyCheck", "CORSPolicy", "RequestMetrics"]
 
 
 def _multipart_boundary(scope: Scope) -> bytes | None:
@@ -127,3 +132,42 @@ class RequestMetrics:
             label = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(label, str(status)).inc()
             self.metrics.request_latency.labels(label).observe(time.perf_counter() - started)
+
+
+# Response headers a page on another origin may read: the timing headers and Retry-After.
+_EXPOSED_HEADERS = (
+    "x-decode-time",
+    "x-queue-time",
+    "x-inference-time",
+    "x-total-time",
+    "retry-after",
+)
+
+
+class CORSPolicy(CORSMiddleware):
+    """Starlette's CORS middleware for the API's own methods and headers; ``*`` allows any origin.
+
+    A preflight it refuses (origin, method or request headers not allowed) gets the contract's
+    JSON 400 ``cors_preflight_refused`` with no ``Access-Control-*`` header at all, rather than
+    Starlette's plain-text 400 that still lists the allowed methods and headers.
+    """
+
+    def __init__(self, app: ASGIApp, allow_origins: Sequence[str]) -> None:
+        super().__init__(
+            app,
+            allow_origins=allow_origins,
+            allow_methods=("GET", "POST"),
+            allow_headers=("Authorization", "Content-Type"),
+            expose_headers=_EXPOSED_HEADERS,
+        )
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code == 200:
+            return response
+        refused = bytes(response.body).decode()  # "Disallowed CORS origin, method"
+        message = (
+            f"CORS preflight refused for origin {request_headers['origin']!r}: "
+            f"{refused.removeprefix('Disallowed CORS ')} not allowed"
+        )
+        return error_response(APIError.bad_request("cors_preflight_refused", message))

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_origin
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ssole_hub.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ssole_hub.models import Output
 
 __all__ = ["ServerSettings", "build_arg_parser", "settings_from_args"]
+
+# What a browser sends as `Origin`: scheme://host[:port], no path, no trailing slash.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+", re.IGNORECASE)
 
 
 class ServerSettings(BaseSettings):
@@ -76,6 +80,14 @@ class ServerSettings(BaseSettings):
     max_request_bytes: int = Field(
         default=64 * 2**20, ge=1, description="largest request body, in bytes"
     )
+    # NoDecode: the variable is a comma-separated list (like the flag given several times),
+    # not the JSON that pydantic-settings expects for lists by default.
+    cors_allow_origin: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="browser origin (scheme://host[:port]) allowed to call the API from its "
+        "pages, or * for any; repeat the flag, or comma-separate in the variable (default: none, "
+        "no CORS headers)",
+    )
     api_key: SecretStr | None = Field(
         default=None, description="if set, /v1/* requires `Authorization: Bearer <key>`"
     )
@@ -105,6 +117,25 @@ class ServerSettings(BaseSettings):
     def _empty_key_is_no_key(cls, value: SecretStr | None) -> SecretStr | None:
         # An empty SSOLE_SERVER_API_KEY= in a compose file means "no key", not "the empty key".
         return value if value is not None and value.get_secret_value() else None
+
+    @field_validator("cors_allow_origin", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            return value  # pydantic reports the wrong type
+        return [o.strip() for item in items for o in str(item).split(",") if o.strip()]
+
+    @field_validator("cors_allow_origin")
+    @classmethod
+    def _origins_are_origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin: give scheme://host[:port] with no path or "
+                    "trailing slash (e.g. https://app.example.com), or * for any origin"
+                )
+        return origins
 
     @model_validator(mode="after")
     def _items_fit_the_queue(self) -> ServerSettings:
@@ -156,6 +187,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help_text = help_text.replace("%", "%%")
         if field.annotation is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif get_origin(field.annotation) is list:
+            parser.add_argument(flag, action="append", metavar=name.upper(), help=help_text)
         else:
             parser.add_argument(flag, metavar=name.upper(), help=help_text)
     return parser

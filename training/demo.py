@@ -18,7 +18,7 @@ import json
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,22 @@ import numpy as np
 import timm
 import torch
 from PIL import Image
+from torch import nn
 
 from ssole_hub.hub import export_hub_folder, load_model
 from training.config import load_config
+from training.data import labelled_splits
 from training.evaluate import evaluate
 from training.pretrain import run
 
-__all__ = ["example_commands", "main", "run_demo"]
+__all__ = [
+    "RawPixels",
+    "demo_verdict",
+    "example_commands",
+    "main",
+    "raw_pixel_knn_top1",
+    "run_demo",
+]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {
@@ -63,8 +72,62 @@ def _train(out: Path, dataset: str, retrain: bool, overrides: Sequence[str]) -> 
     return run(cfg, overwrite=True)  # the demo's run directory is its own
 
 
+class RawPixels(nn.Module):
+    """A "backbone" whose features are an image's own pixels: the raw-pixel kNN baseline.
+
+    Its ``pretrained_cfg`` keeps images at their native ``height x width`` and only scales them to
+    [0, 1] (no mean, no std), so the kNN protocol, which L2-normalises features and compares them
+    by cosine similarity, sees the pixels as the dataset stores them, flattened.
+    """
+
+    def __init__(self, height: int, width: int) -> None:
+        super().__init__()
+        self.num_features = 3 * height * width
+        self.pretrained_cfg = {
+            "architecture": "raw_pixels",
+            "input_size": (3, height, width),
+            "crop_pct": 1.0,
+            "interpolation": "bicubic",  # unused: the images keep their size
+            "mean": (0.0, 0.0, 0.0),
+            "std": (1.0, 1.0, 1.0),
+        }
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``(n, 3, H, W)`` pixels in [0, 1] -> ``(n, 3 * H * W)``."""
+        return images.flatten(1)
+
+
+def raw_pixel_knn_top1(dataset: str, limit: int | None = None) -> float:
+    """The weighted-kNN top-1 (%) of ``dataset``'s raw pixels: :func:`training.evaluate.evaluate`
+    with a :class:`RawPixels` backbone, so the protocol, splits and subsets are the models'.
+
+    Raises:
+        ValueError: for a dataset without labels; FileNotFoundError: for missing files.
+    """
+    train, _ = labelled_splits(dataset)
+    width, height = train[0][0].size
+    result = evaluate(
+        RawPixels(height, width), dataset, protocols=("knn",), train_limit=limit, test_limit=limit
+    )
+    return result["protocols"]["knn"]["top1"]
+
+
+def demo_verdict(dataset: str, scores: Mapping[str, float]) -> str:
+    """The sentence printed under the kNN scores: what the demo model is for, and where it stands
+    against raw pixels (``scores`` has ``ssole`` and ``raw_pixels``, in %)."""
+    gap = scores["ssole"] - scores["raw_pixels"]
+    where = f"{abs(gap):.1f} points {'below' if gap < 0 else 'above'} raw pixels on {dataset}"
+    return (
+        "This model checks the pipeline (train, evaluate, export, serve); it is not a good model "
+        f"({where} after minutes of CPU training): for useful features, pre-train longer on more "
+        "images (README, 'Pre-training on your own images')."
+    )
+
+
 def _knn(checkpoint: Path, dataset: str, limit: int | None) -> dict[str, Any]:
-    _banner("Evaluating: weighted kNN (k=20, T=0.07) of the trained backbone vs random init")
+    _banner(
+        "Evaluating: weighted kNN (k=20, T=0.07) of the trained backbone, random init, raw pixels"
+    )
     trained = load_model(str(checkpoint))
     torch.manual_seed(0)
     random_init = timm.create_model(trained.pretrained_cfg["architecture"]).eval()
@@ -73,13 +136,17 @@ def _knn(checkpoint: Path, dataset: str, limit: int | None) -> dict[str, Any]:
     for name, model in (("ssole", trained), ("random_init", random_init)):
         result = evaluate(model, dataset, protocols=("knn",), train_limit=limit, test_limit=limit)
         scores[name] = result["protocols"]["knn"]["top1"]
+    scores["raw_pixels"] = raw_pixel_knn_top1(dataset, limit)
     print(
-        f"kNN top-1 on {dataset}: SSOLE {scores['ssole']:.1f}%  random init {scores['random_init']:.1f}%"
+        f"kNN top-1 on {dataset}: SSOLE {scores['ssole']:.1f}%  "
+        f"random init {scores['random_init']:.1f}%  raw pixels {scores['raw_pixels']:.1f}%"
     )
+    print(demo_verdict(dataset, scores))
     return {
         "dataset": dataset,
         "protocols": {"knn": {"top1": scores["ssole"], "k": 20, "T": 0.07}},
         "random_init_knn_top1": scores["random_init"],
+        "raw_pixels_knn_top1": scores["raw_pixels"],
     }
 
 

@@ -1,5 +1,6 @@
 """The `make demo` pipeline at a reduced size: train -> evaluate -> export -> serve, and the printed
-examples run against a real server on loopback."""
+examples run against a real server on loopback; the raw-pixel baseline it prints beside SSOLE is
+checked against an independent kNN on the same split."""
 
 from __future__ import annotations
 
@@ -11,11 +12,58 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from training.demo import REPO_ROOT, run_demo
+from ssole_hub.preprocessing import resolve_preprocessing
+from training.data import labelled_splits
+from training.demo import REPO_ROOT, RawPixels, demo_verdict, raw_pixel_knn_top1, run_demo
 
-pytestmark = pytest.mark.slow
+
+def independent_pixel_knn(dataset: str, limit: int | None = None) -> float:
+    """DINO's weighted kNN (k=20, T=0.07, cosine) written again in numpy on the dataset's stored
+    pixels, on the split of :func:`training.data.labelled_splits` and, with ``limit``, the evenly
+    spaced subsets that evaluation takes."""
+    train, test = labelled_splits(dataset)
+
+    def features(ds) -> tuple[np.ndarray, np.ndarray]:
+        n = len(ds.images)
+        keep = (
+            np.arange(n)
+            if limit is None or limit >= n
+            else np.floor(np.arange(limit) * (n / limit))
+        )
+        x = ds.images[keep.astype(int)].reshape(len(keep), -1).astype(np.float64)
+        return x / np.linalg.norm(x, axis=1, keepdims=True), ds.labels[keep.astype(int)]
+
+    (xa, ya), (xb, yb) = features(train), features(test)
+    sim = xb @ xa.T
+    nearest = np.argsort(-sim, axis=1, kind="stable")[:, :20]
+    weights = np.exp(np.take_along_axis(sim, nearest, axis=1) / 0.07)
+    votes = np.stack([(weights * (ya[nearest] == c)).sum(1) for c in range(ya.max() + 1)], 1)
+    return float(100 * (votes.argmax(1) == yb).mean())
+
+
+def test_raw_pixel_features_are_the_stored_pixels_flattened():
+    train, _ = labelled_splits("digits")
+    image, _ = train[0]
+    model = RawPixels(*image.size[::-1])
+    x = resolve_preprocessing(model).transform(image)
+    expected = np.asarray(image, dtype=np.float32).transpose(2, 0, 1).reshape(-1) / 255
+    np.testing.assert_allclose(model(x.unsqueeze(0))[0].numpy(), expected, atol=1e-6)
+
+
+def test_raw_pixel_baseline_matches_an_independent_knn_on_the_same_split():
+    assert raw_pixel_knn_top1("digits") == pytest.approx(independent_pixel_knn("digits"), abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("ssole", "word"), [(60.0, "12.0 points below"), (80.0, "8.0 points above")]
+)
+def test_the_verdict_says_where_the_model_stands_against_raw_pixels(ssole, word):
+    sentence = demo_verdict("digits", {"ssole": ssole, "raw_pixels": 72.0})
+    assert f"{word} raw pixels on digits" in sentence
+    assert "not a good model" in sentence and "Pre-training on your own images" in sentence
 
 
 def _free_port() -> int:
@@ -38,7 +86,10 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     raise AssertionError(f"server not ready at {url} after {timeout} s")
 
 
-def test_demo_pipeline_serves_and_its_printed_examples_return_embeddings(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_demo_pipeline_serves_and_its_printed_examples_return_embeddings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     port = _free_port()
     out = tmp_path / "demo"
     model_dir, commands = run_demo(
@@ -51,6 +102,15 @@ def test_demo_pipeline_serves_and_its_printed_examples_return_embeddings(tmp_pat
     results = json.loads((out / "eval.json").read_text())
     knn = results["protocols"]["knn"]["top1"]
     assert 0 < knn <= 100 and 0 < results["random_init_knn_top1"] <= 100
+    raw = results["raw_pixels_knn_top1"]
+    assert raw == pytest.approx(independent_pixel_knn("digits", limit=200), abs=1e-3)
+    printed = capsys.readouterr().out
+    assert (
+        f"kNN top-1 on digits: SSOLE {knn:.1f}%  random init {results['random_init_knn_top1']:.1f}%"
+        f"  raw pixels {raw:.1f}%"
+    ) in printed
+    assert demo_verdict("digits", {"ssole": knn, "raw_pixels": raw}) in printed
+    assert "raw_pixels_knn_top1" in (model_dir / "README.md").read_text()  # the card shows it too
     assert {p.name for p in model_dir.iterdir()} >= {
         "model.safetensors",
         "config.json",
