@@ -89,7 +89,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-normalize", action="store_true", help="keep raw (not unit-norm) rows")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None, help="decoding processes per rank")
-    p.add_argument("--shard-size", type=int, default=10_000, help="images per output shard")
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=10_000,
+        help="images per output shard for image files (a tar or parquet file is one shard)",
+    )
     p.add_argument("--format", choices=("npy", "safetensors", "parquet"), default="npy")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument(

@@ -6,7 +6,7 @@ In your own Ray Data pipeline, three lines embed any dataset with an encoded-ima
     from ssole_hub.ray import Embedder
     ds = ray.data.read_parquet("images/")  # or read_webdataset / read_binary_files / read_images
     ds = ds.map_batches(Embedder, fn_constructor_kwargs={"model": "hf-hub:ORG/NAME"},
-                        batch_size=64, concurrency=4, num_gpus=1)
+                        compute=ray.data.ActorPoolStrategy(size=4), num_gpus=1, batch_size=64)
 
 Each actor loads the model once, decodes through :func:`ssole_hub.images.decode_image` (size and
 pixel limits included) and preprocesses with the model's own transform, as everywhere else. The
@@ -203,14 +203,13 @@ class _ShardRows:
 def _write_rows(
     batches: Iterator[dict[str, np.ndarray]],
     locate: Locate,
-    source: InputSource,
     pending: list[int],
     write: Callable[[int, _ShardRows], None],
 ) -> None:
     """Group the rows (in input order: ``preserve_order``) by shard; write each shard when the
     next one starts, and the shards no row came from (empty, or every file missing) in turn."""
     order = {k: n for n, k in enumerate(pending)}
-    done = 0  # pending[:done] are written
+    done = 0  # pending[:done] are written; pending[done] is the current shard
     current, rows = None, _ShardRows()
     for batch in batches:
         for i in range(len(batch["embedding"])):
@@ -290,7 +289,7 @@ def extract_with_ray(
                 batch_format="numpy",
                 num_gpus=gpus,
                 num_cpus=num_cpus_per_worker or 1,
-                concurrency=workers,
+                compute=ray.data.ActorPoolStrategy(size=workers),
             )
             ds.context.execution_options.preserve_order = True
             ds.context.enable_progress_bars = progress
@@ -304,13 +303,8 @@ def extract_with_ray(
                     out, k, rows.ids, emb, rows.errors, options.file_format, run_fingerprint
                 )
 
-            _write_rows(
-                ds.iter_batches(batch_format="numpy", batch_size=None),
-                locate,
-                source,
-                pending,
-                write,
-            )
+            rows = ds.iter_batches(batch_format="numpy", batch_size=None)
+            _write_rows(rows, locate, pending, write)
         header = manifest_header(
             fx,
             options,
