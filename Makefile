@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[train,serve,dev,onnx]'
+	$(PY) -m pip install -q -e '.[train,serve,dev,onnx,ray]'
 	touch $(STAMP)
 
 test: venv

@@ -65,21 +65,39 @@ def _build_parser() -> argparse.ArgumentParser:
     # --- extract (ssole_hub.extract) ------------------------------------------------------------
     p = sub.add_parser(
         "extract",
-        help="embed a folder or list of images into sharded files (resumable; works under torchrun)",
+        help="embed images, webdataset tars or parquet files into sharded files (resumable; "
+        "runs under torchrun, or on a Ray cluster with --engine ray)",
     )
     p.add_argument(
         "--model",
         required=True,
         help="model name, hf-hub:ORG/NAME, local-dir:PATH, a hub folder or a training checkpoint",
     )
-    p.add_argument("--input", required=True, help="folder of images, or a text file of paths")
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        help="a folder of images, a text file of image paths, or webdataset .tar / .parquet files "
+        "(several, or a brace pattern such as 'shards/data-{000..009}.tar')",
+    )
+    p.add_argument(
+        "--image-column",
+        default=None,
+        help="parquet: the encoded-image column (default image); tar: the image member's suffix",
+    )
+    p.add_argument("--id-column", default=None, help="parquet: the id column (default id)")
     p.add_argument("--out", required=True, help="output folder (reuse it to resume)")
     p.add_argument("--output", choices=("backbone", "projector"), default="backbone")
     p.add_argument("--no-normalize", action="store_true", help="keep raw (not unit-norm) rows")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=None, help="decoding processes per rank")
-    p.add_argument("--shard-size", type=int, default=10_000, help="images per output shard")
-    p.add_argument("--format", choices=("npy", "safetensors"), default="npy")
+    p.add_argument(
+        "--shard-size",
+        type=int,
+        default=10_000,
+        help="images per output shard for image files (a tar or parquet file is one shard)",
+    )
+    p.add_argument("--format", choices=("npy", "safetensors", "parquet"), default="npy")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument(
         "--dtype",
@@ -102,6 +120,28 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=BACKENDS,
         help="forward pass: torch, or OpenVINO on the CPU with the folder's onnx/ files (onnx: "
         "float32, onnx-bf16, onnx-int8); auto = the fastest checked one the folder has",
+    )
+    p.add_argument(
+        "--engine",
+        choices=("plain", "ray"),
+        default="plain",
+        help="plain: this machine (or torchrun ranks); ray: a Ray cluster (extra [ray])",
+    )
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: local)")
+    p.add_argument(
+        "--num-gpus-per-worker",
+        type=float,
+        default=None,
+        help="Ray: GPUs per embedding actor (default 1 when the cluster has GPUs)",
+    )
+    p.add_argument(
+        "--num-cpus-per-worker", type=float, default=None, help="Ray: CPUs per actor (default 1)"
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="Ray: embedding actors (default: one per GPU, or 1 without GPUs)",
     )
     p.set_defaults(func=_extract)
     return parser
@@ -180,9 +220,14 @@ def _extract(args: argparse.Namespace) -> int:
         for k, v in (("max_bytes", args.max_bytes), ("max_pixels", args.max_pixels))
         if v is not None
     }
+    ray_options = {
+        k: getattr(args, k)
+        for k in ("ray_address", "num_gpus_per_worker", "num_cpus_per_worker", "concurrency")
+        if getattr(args, k) is not None
+    }
     manifest = extract_dataset(
         args.model,
-        args.input,
+        args.input[0] if len(args.input) == 1 else args.input,
         args.out,
         batch_size=args.batch_size,
         num_workers=args.workers,
@@ -196,6 +241,10 @@ def _extract(args: argparse.Namespace) -> int:
         fast_decode=args.fast_decode,
         backend=args.backend,
         progress=not args.no_progress,
+        image_column=args.image_column,
+        id_column=args.id_column,
+        engine=args.engine,
+        **ray_options,
         **limits,
     )
     if "num_embedded" in manifest:  # rank 0 (or a single process) has the whole picture
@@ -212,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError) as exc:  # OSError: missing files and Hub HTTP errors
+    except (ValueError, OSError, ImportError) as exc:  # OSError: missing files, Hub HTTP errors
         print(f"ssole-hub {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,20 +1,19 @@
 """Batch feature extraction for whole datasets: ``ssole-hub extract`` and :func:`extract_dataset`.
 
-The input (a folder scanned recursively, a text file of paths, or a list of paths) is cut into
-shards of ``shard_size`` consecutive images. Images are decoded by :mod:`ssole_hub.images` in
-DataLoader worker processes while the model runs on earlier batches. Each finished shard is written
-atomically to the output folder:
+The input (image files, webdataset tars or parquet files; see :mod:`ssole_hub.extract_inputs`) is
+cut into input shards. Each finished shard is written atomically to the output folder with a
+done-marker, and at the end ``errors.jsonl`` and ``manifest.json`` (model id, preprocessing,
+dims, counts, shard list) are written (see :mod:`ssole_hub.extract_output`). A run that is
+interrupted (killed, preempted) resumes by skipping finished shards. Two engines write the same
+output:
 
-- ``embeddings-00000.npy`` (or ``.safetensors``, tensor ``"embeddings"``): ``(n, dim)`` float32;
-- ``paths-00000.txt``: the n embedded paths, one per line, row order;
-- ``errors-00000.jsonl``: the unreadable files of the shard (``path``, ``error``, ``message``);
-- ``shard-00000.json``: written last; marks the shard finished.
-
-A run that is interrupted (killed, preempted) resumes by skipping finished shards. Under
-``torchrun`` rank ``r`` of ``W`` takes shards ``r, r + W, r + 2W, ...`` (on ``cuda:LOCAL_RANK``
-when there is a GPU); the output folder must be shared by all ranks (multi-node: a shared file
-system). When every rank is done, rank 0 merges the errors into ``errors.jsonl`` and writes
-``manifest.json`` (model id, preprocessing, dims, counts, shard list).
+- ``plain`` (here): records are decoded by :mod:`ssole_hub.images` in DataLoader worker processes
+  while the model runs on earlier batches. Under ``torchrun`` rank ``r`` of ``W`` takes shards
+  ``r, r + W, r + 2W, ...`` (on ``cuda:LOCAL_RANK`` when there is a GPU); the output folder must
+  be shared by all ranks (multi-node: a shared file system). When every rank is done, rank 0
+  writes the manifest.
+- ``ray`` (:mod:`ssole_hub.ray`): Ray Data reads the input and runs
+  :class:`ssole_hub.ray.Embedder` actors on a Ray cluster; the driver writes the shards.
 """
 
 from __future__ import annotations
@@ -23,8 +22,7 @@ import hashlib
 import json
 import os
 import sys
-import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -35,102 +33,49 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ssole_hub.extract_inputs import (
+    ImageFiles,
+    InputSource,
+    Record,
+    error_entry,
+    list_images,
+    open_input,
+)
+from ssole_hub.extract_output import (
+    FILE_FORMATS,
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    FileFormat,
+    pending_shards,
+    read_embeddings,
+    write_manifest,
+    write_shard,
+)
 from ssole_hub.extractor import FeatureExtractor
 from ssole_hub.images import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
     decode_image,
-    is_image_path,
 )
 from ssole_hub.models import Output
 
-__all__ = ["MANIFEST_FILE", "MANIFEST_FORMAT", "extract_dataset", "list_images", "read_embeddings"]
+__all__ = [
+    "MANIFEST_FILE",
+    "MANIFEST_FORMAT",
+    "Engine",
+    "extract_dataset",
+    "list_images",
+    "read_embeddings",
+]
 
-MANIFEST_FORMAT = "ssole-hub/embeddings/1"
-MANIFEST_FILE = "manifest.json"
-ERRORS_FILE = "errors.jsonl"
-FileFormat = Literal["npy", "safetensors"]
+Engine = Literal["plain", "ray"]
 
 # Ranks wait for the slowest one before rank 0 writes the manifest; a shard can take long.
 _BARRIER_TIMEOUT = timedelta(hours=12)
 
 
-def list_images(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[str], Path]:
-    """The images to extract, in a fixed order, and the folder their paths are relative to.
-
-    Args:
-        inputs: a folder (scanned recursively for image extensions, hidden entries skipped,
-            sorted), a text file with one path per line (blank lines and ``#`` comments
-            skipped; relative paths are relative to the file's folder), or a list of paths
-            (relative to the current directory).
-
-    Returns:
-        ``(paths, root)``: paths as they are recorded in the output, and the folder that relative
-        ones are resolved against.
-
-    Raises:
-        FileNotFoundError: ``inputs`` does not exist.
-        ValueError: no images were found.
-    """
-    if isinstance(inputs, str | os.PathLike):
-        src = Path(inputs)
-        if src.is_dir():
-            root = src
-            paths = sorted(
-                p.relative_to(src).as_posix()
-                for p in src.rglob("*")
-                if p.is_file()
-                and is_image_path(p)
-                and not any(part.startswith(".") for part in p.relative_to(src).parts)
-            )
-        elif src.is_file():
-            root = src.parent
-            lines = (line.strip() for line in src.read_text().splitlines())
-            paths = [line for line in lines if line and not line.startswith("#")]
-        else:
-            raise FileNotFoundError(f"input {src} is neither a folder nor a list of paths")
-    else:
-        root = Path.cwd()
-        paths = [os.fspath(p) for p in inputs]
-    # One path per line in the paths files: a name with a line break cannot be recorded.
-    unrecordable = [p for p in paths if "\n" in p or "\r" in p]
-    if unrecordable:
-        warnings.warn(
-            f"skipping {len(unrecordable)} file name(s) with line breaks, e.g. {unrecordable[0]!r}",
-            stacklevel=2,
-        )
-        paths = [p for p in paths if p not in set(unrecordable)]
-    if not paths:
-        raise ValueError(f"no images found in {inputs}")
-    return paths, root
-
-
-class _ImageFiles(Dataset):
-    """Decodes and preprocesses one file per item; a bad file becomes an error entry, not a crash."""
-
-    def __init__(self, paths: list[str], root: Path, fx: FeatureExtractor) -> None:
-        self.paths = paths
-        self.root = root
-        self.transform = fx.transform
-        self.decode_options = fx.decode_options
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, dict[str, str] | None]:
-        try:
-            img = decode_image(self.root / self.paths[i], **self.decode_options)
-            return i, self.transform(img), None
-        except (ImageDecodeError, OSError) as exc:
-            return (
-                i,
-                None,
-                {"path": self.paths[i], "error": type(exc).__name__, "message": str(exc)},
-            )
-
-
-class _Options(NamedTuple):
+class Options(NamedTuple):
     """What a run writes, besides the model: part of its fingerprint."""
 
     output: Output
@@ -138,51 +83,54 @@ class _Options(NamedTuple):
     file_format: FileFormat
 
 
-def _collate(items):
-    good = [(i, x) for i, x, err in items if err is None]
-    index = torch.tensor([i for i, _ in good], dtype=torch.long)
-    batch = torch.stack([x for _, x in good]) if good else torch.empty(0)
-    return [i for i, _, _ in items], index, batch, [err for _, _, err in items if err is not None]
+class _Batch(NamedTuple):
+    """Records of one shard for one forward pass; ``last``: the shard's final batch."""
+
+    shard: int
+    records: list[Record]
+    last: bool
 
 
-def _names(k: int, file_format: FileFormat) -> dict[str, str]:
-    return {
-        "embeddings": f"embeddings-{k:05d}.{file_format}",
-        "paths": f"paths-{k:05d}.txt",
-        "errors": f"errors-{k:05d}.jsonl",
-        "marker": f"shard-{k:05d}.json",
-    }
+def _batches(source: InputSource, pending: list[int], batch_size: int) -> Iterator[_Batch]:
+    # Read lazily in the main process (file paths, or tar members and parquet cells as bytes);
+    # batches never straddle two shards, so a shard is complete when its last batch arrives.
+    for k in pending:
+        batch: list[Record] = []
+        for record in source.records(k):
+            if len(batch) == batch_size:
+                yield _Batch(k, batch, False)
+                batch = []
+            batch.append(record)
+        yield _Batch(k, batch, True)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+class _DecodeBatches(Dataset):
+    """Decodes and preprocesses a batch of records; a bad one becomes an error entry."""
+
+    def __init__(self, fx: FeatureExtractor) -> None:
+        self.transform = fx.transform
+        self.decode_options = fx.decode_options
+
+    def __getitems__(self, batch: _Batch):
+        ids, tensors, errors = [], [], []
+        for record in batch.records:
+            try:
+                if isinstance(record.data, Exception):
+                    raise record.data
+                tensors.append(self.transform(decode_image(record.data, **self.decode_options)))
+                ids.append(record.id)
+            except (ImageDecodeError, OSError) as exc:
+                errors.append(error_entry(record.id, exc))
+        images = torch.stack(tensors) if tensors else torch.empty(0)
+        return batch.shard, batch.last, len(batch.records), ids, images, errors
 
 
-def _encode_embeddings(emb: np.ndarray, file_format: FileFormat) -> bytes:
-    if file_format == "safetensors":
-        from safetensors.numpy import save
-
-        return save({"embeddings": np.ascontiguousarray(emb)})
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, emb)
-    return buf.getvalue()
+def _unbatched(batch):
+    return batch
 
 
-def _read_marker(out: Path, k: int, file_format: FileFormat) -> dict[str, Any] | None:
-    path = out / _names(k, file_format)["marker"]
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None  # a marker is written atomically; an unreadable one means "not finished"
-
-
-def _fingerprint(fx: FeatureExtractor, options: _Options, paths: list[str], shard_size: int) -> str:
+def fingerprint(fx: FeatureExtractor, options: Options, source: InputSource) -> str:
+    """What identifies a run's output: model, preprocessing, options and input."""
     run = {
         "model_id": fx.model_id,
         "backend": fx.backend,
@@ -190,11 +138,58 @@ def _fingerprint(fx: FeatureExtractor, options: _Options, paths: list[str], shar
         "normalize": options.normalize,
         "data_config": fx.data_config,
         "draft_size": fx.decode_options.get("draft_size"),
-        "shard_size": shard_size,
         "file_format": options.file_format,
-        "paths": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
+        "input": source.fingerprint(),
     }
     return hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resumable_shards(
+    out: Path, shards: list[int], options: Options, run_fingerprint: str, whose: str = ""
+) -> list[int]:
+    """Create ``out`` and return the shards of ``shards`` still to do, saying what is skipped.
+
+    Raises:
+        ValueError: ``out`` holds shards of a different run.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    pending = pending_shards(out, shards, options.file_format, run_fingerprint)
+    if len(pending) < len(shards):
+        print(
+            f"resuming {out}: {len(shards) - len(pending)} of {len(shards)} shards{whose} are "
+            "already finished and are skipped",
+            file=sys.stderr,
+        )
+    return pending
+
+
+def manifest_header(
+    fx: FeatureExtractor,
+    options: Options,
+    inputs: Any,
+    source: InputSource,
+    run_fingerprint: str,
+    **engine: Any,
+) -> dict[str, Any]:
+    """The manifest's description of a run (``engine``: how it ran, e.g. ``world_size``)."""
+    from ssole_hub import __version__
+
+    return {
+        "model_id": fx.model_id,
+        "output": options.output,
+        "normalize": options.normalize,
+        "dim": fx.dims[options.output],
+        "dtype": "float32",
+        "compute_dtype": str(fx.dtype).removeprefix("torch."),
+        "backend": fx.backend,
+        "preprocessing": {**fx.data_config, "draft_size": fx.decode_options.get("draft_size")},
+        "input": os.fspath(inputs) if isinstance(inputs, str | os.PathLike) else None,
+        "input_kind": source.kind,
+        "shard_size": source.shard_size if isinstance(source, ImageFiles) else None,
+        **engine,
+        "fingerprint": run_fingerprint,
+        "ssole_hub_version": __version__,
+    }
 
 
 def _distributed() -> tuple[int, int, int, bool]:
@@ -237,29 +232,47 @@ def extract_dataset(
     fast_decode: bool = False,
     backend: str = "torch",
     progress: bool = True,
+    image_column: str | None = None,
+    id_column: str | None = None,
+    engine: Engine = "plain",
+    ray_address: str | None = None,
+    num_gpus_per_worker: float | None = None,
+    concurrency: int | None = None,
+    num_cpus_per_worker: float | None = None,
 ) -> dict[str, Any]:
-    """Embed every image of ``inputs`` into sharded files under ``out_dir``; resumable.
+    """Embed every record of ``inputs`` into sharded files under ``out_dir``; resumable.
 
     Args:
         model: a model name / ``hf-hub:`` / ``local-dir:`` / folder / checkpoint (anything
-            :func:`ssole_hub.hub.load_model` takes), a built ``nn.Module``, or a
+            :func:`ssole_hub.hub.load_model` takes), a built ``nn.Module``, or (plain engine) a
             :class:`~ssole_hub.FeatureExtractor` (then ``device``, ``dtype``, ``compile`` and
             the limits are its own).
-        inputs: a folder, a text file of paths, or a list of paths (see :func:`list_images`).
+        inputs: a folder of images, a text file of paths, webdataset tars or parquet files (a
+            path, a brace pattern such as ``"shards/data-{000..009}.tar"`` or a list; see
+            :func:`ssole_hub.extract_inputs.open_input`).
         out_dir: output folder, created if needed; reused to resume an interrupted run.
         batch_size: images per forward pass.
-        num_workers: decoding processes per rank; default: the CPU cores of this rank, at most 8.
-        shard_size: images per output shard (the unit of resumption).
-        file_format: ``"npy"`` or ``"safetensors"``.
+        num_workers: plain engine: decoding processes per rank; default: the CPU cores of this
+            rank, at most 8.
+        shard_size: images per output shard for image files (the unit of resumption); a tar or
+            parquet file is one shard.
+        file_format: ``"npy"``, ``"safetensors"`` or ``"parquet"``.
         output, normalize: as :meth:`FeatureExtractor.embed`.
         device, dtype, compile: as :meth:`FeatureExtractor.from_pretrained`; under ``torchrun``
-            the default device is ``cuda:LOCAL_RANK`` when CUDA is available.
+            the default device is ``cuda:LOCAL_RANK`` when CUDA is available. The Ray engine's
+            workers use their own GPU when they are given one.
         max_bytes, max_pixels: decoder limits; larger files are skipped and listed as errors.
         fast_decode: decode large JPEGs at a reduced scale (see
             :meth:`FeatureExtractor.from_pretrained`); recorded in the manifest.
         backend: ``"torch"``, ``"onnx"``, ``"onnx-int8"`` or ``"auto"`` (see
             :meth:`FeatureExtractor.from_pretrained`); the one used is in the manifest.
         progress: show a progress bar (rank 0).
+        image_column, id_column: parquet: the encoded-image and id columns (default ``image``,
+            ``id``); webdataset: ``image_column`` is the image member's suffix.
+        engine: ``"plain"`` (this machine, or ``torchrun`` ranks) or ``"ray"`` (a Ray cluster,
+            :func:`ssole_hub.ray.extract_with_ray`; needs the ``[ray]`` extra).
+        ray_address, num_gpus_per_worker, concurrency, num_cpus_per_worker: Ray engine only (see
+            :func:`ssole_hub.ray.extract_with_ray`).
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``); on ranks other than 0, a
@@ -268,12 +281,78 @@ def extract_dataset(
     Raises:
         ValueError: bad arguments, no images, or ``out_dir`` holds shards of a different run.
         FileNotFoundError: ``inputs`` or the model does not exist.
+        ImportError: ``engine="ray"`` without Ray, or parquet without pyarrow.
     """
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size}, {shard_size}")
-    if file_format not in ("npy", "safetensors"):
-        raise ValueError(f"file_format must be 'npy' or 'safetensors', got {file_format!r}")
-    paths, root = list_images(inputs)
+    if file_format not in FILE_FORMATS:
+        raise ValueError(f"file_format must be one of {FILE_FORMATS}, got {file_format!r}")
+    if engine not in ("plain", "ray"):
+        raise ValueError(f"engine must be 'plain' or 'ray', got {engine!r}")
+    ray_only = {"ray_address": ray_address, "num_gpus_per_worker": num_gpus_per_worker}
+    ray_only.update(concurrency=concurrency, num_cpus_per_worker=num_cpus_per_worker)
+    if engine == "plain" and any(v is not None for v in ray_only.values()):
+        raise ValueError(
+            f"{', '.join(k for k, v in ray_only.items() if v is not None)} need engine='ray'"
+        )
+    source = open_input(
+        inputs, shard_size=shard_size, image_column=image_column, id_column=id_column
+    )
+    options = Options(output, normalize, file_format)
+    load = dict(
+        dtype=dtype,
+        with_projector=output == "projector",
+        compile=compile,
+        max_bytes=max_bytes,
+        max_pixels=max_pixels,
+        fast_decode=fast_decode,
+        backend=backend,
+    )
+    if engine == "ray":
+        if isinstance(model, FeatureExtractor):
+            raise ValueError(
+                "the Ray engine loads the model on each worker: pass its name, "
+                "folder or module, not a FeatureExtractor"
+            )
+        from ssole_hub.ray import extract_with_ray
+
+        return extract_with_ray(
+            model,
+            inputs,
+            source,
+            Path(out_dir),
+            options,
+            load,
+            batch_size=batch_size,
+            progress=progress,
+            **ray_only,
+        )
+    return _extract_plain(
+        model,
+        inputs,
+        source,
+        Path(out_dir),
+        options,
+        load,
+        device,
+        batch_size,
+        num_workers,
+        progress,
+    )
+
+
+def _extract_plain(
+    model: str | os.PathLike | torch.nn.Module | FeatureExtractor,
+    inputs: Any,
+    source: InputSource,
+    out: Path,
+    options: Options,
+    load: dict[str, Any],
+    device: torch.device | str | None,
+    batch_size: int,
+    num_workers: int | None,
+    progress: bool,
+) -> dict[str, Any]:
     rank, world, local_rank, created_group = _distributed()
     try:
         if isinstance(model, FeatureExtractor):
@@ -281,63 +360,35 @@ def extract_dataset(
         else:
             if device is None and torch.cuda.is_available():
                 device = f"cuda:{local_rank}"
-            fx = FeatureExtractor.from_pretrained(
-                model,
-                device=device,
-                dtype=dtype,
-                with_projector=output == "projector",
-                compile=compile,
-                max_bytes=max_bytes,
-                max_pixels=max_pixels,
-                fast_decode=fast_decode,
-                backend=backend,
+            fx = FeatureExtractor.from_pretrained(model, device=device, **load)
+        if options.output not in fx.dims:
+            raise ValueError(
+                f"output {options.output!r} is not available; the model has {list(fx.dims)}"
             )
-        options = _Options(output, normalize, file_format)
-        if output not in fx.dims:
-            raise ValueError(f"output {output!r} is not available; the model has {list(fx.dims)}")
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        fingerprint = _fingerprint(fx, options, paths, shard_size)
-        num_shards = (len(paths) + shard_size - 1) // shard_size
-        mine = list(range(rank, num_shards, world))
-        pending = []
-        for k in mine:
-            marker = _read_marker(out, k, file_format)
-            if marker is None:
-                pending.append(k)
-            elif marker.get("fingerprint") != fingerprint:
-                raise ValueError(
-                    f"{out} holds shards of a different extraction (model, options or input list "
-                    "differ); use an empty output folder"
-                )
-        if len(pending) < len(mine):
-            whose = f" of rank {rank}" if world > 1 else ""
-            print(
-                f"resuming {out}: {len(mine) - len(pending)} of {len(mine)} shards{whose} are "
-                "already finished and are skipped",
-                file=sys.stderr,
-            )
+        run_fingerprint = fingerprint(fx, options, source)
+        mine = list(range(rank, source.num_shards, world))
+        whose = f" of rank {rank}" if world > 1 else ""
+        pending = resumable_shards(out, mine, options, run_fingerprint, whose)
         workers = _default_workers() if num_workers is None else num_workers
         _run_shards(
             fx,
             options,
-            paths,
-            root,
+            source,
             out,
             pending,
-            shard_size,
             batch_size,
             workers,
-            fingerprint,
+            run_fingerprint,
             progress and rank == 0,
         )
         if world > 1:
             _barrier()
         if rank != 0:
             return {"rank": rank, "shards": mine, "extracted": pending}
-        manifest = _write_manifest(
-            fx, options, inputs, paths, out, num_shards, shard_size, fingerprint, world
+        header = manifest_header(
+            fx, options, inputs, source, run_fingerprint, engine="plain", world_size=world
         )
+        manifest = write_manifest(out, header, source.num_shards, options.file_format)
     finally:
         if created_group:
             dist.destroy_process_group()
@@ -352,148 +403,36 @@ def _default_workers() -> int:
 
 def _run_shards(
     fx: FeatureExtractor,
-    options: _Options,
-    paths: list[str],
-    root: Path,
+    options: Options,
+    source: InputSource,
     out: Path,
     pending: list[int],
-    shard_size: int,
     batch_size: int,
     num_workers: int,
-    fingerprint: str,
+    run_fingerprint: str,
     progress: bool,
 ) -> None:
     if not pending:
         return
-    # Batches never straddle two shards, so a shard is complete when its last batch arrives.
-    batches = []
-    sizes = {}
-    for k in pending:
-        lo, hi = k * shard_size, min((k + 1) * shard_size, len(paths))
-        sizes[k] = hi - lo
-        batches += [list(range(i, min(i + batch_size, hi))) for i in range(lo, hi, batch_size)]
     loader = DataLoader(
-        _ImageFiles(paths, root, fx),
-        batch_sampler=batches,
+        _DecodeBatches(fx),
+        batch_sampler=_batches(source, pending, batch_size),
         num_workers=num_workers,
-        collate_fn=_collate,
+        collate_fn=_unbatched,
         pin_memory=fx.device.type == "cuda",
         prefetch_factor=4 if num_workers > 0 else None,
     )
-    acc: dict[str, list] = {"seen": [], "index": [], "emb": [], "errors": []}
-    with tqdm(total=sum(sizes.values()), disable=not progress, unit="img", desc="extract") as bar:
-        for seen, index, batch, errors in loader:
-            k = seen[0] // shard_size
-            acc["seen"] += seen
-            acc["index"].append(index)
-            acc["errors"] += errors
-            if len(index):
-                acc["emb"].append(fx.embed_tensor(batch, options.output, options.normalize))
-            bar.update(len(seen))
-            if len(acc["seen"]) == sizes[k]:
-                dim = fx.dims[options.output]
-                _write_shard(out, k, paths, acc, dim, options.file_format, fingerprint)
-                acc = {"seen": [], "index": [], "emb": [], "errors": []}
-
-
-def _write_shard(
-    out: Path,
-    k: int,
-    paths: list[str],
-    acc: dict[str, list],
-    dim: int,
-    file_format: FileFormat,
-    fingerprint: str,
-) -> None:
-    names = _names(k, file_format)
-    emb = torch.cat(acc["emb"]).numpy() if acc["emb"] else np.empty((0, dim), np.float32)
-    index = torch.cat(acc["index"]).tolist()
-    _write_atomic(out / names["embeddings"], _encode_embeddings(emb, file_format))
-    _write_atomic(out / names["paths"], "".join(f"{paths[i]}\n" for i in index).encode())
-    errors = "".join(json.dumps(e) + "\n" for e in acc["errors"])
-    _write_atomic(out / names["errors"], errors.encode())
-    marker = {
-        "shard": k,
-        "count": len(index),
-        "num_errors": len(acc["errors"]),
-        "fingerprint": fingerprint,
-        **{key: names[key] for key in ("embeddings", "paths", "errors")},
-    }
-    _write_atomic(out / names["marker"], json.dumps(marker, indent=1).encode())
-
-
-def _write_manifest(
-    fx: FeatureExtractor,
-    options: _Options,
-    inputs: Any,
-    paths: list[str],
-    out: Path,
-    num_shards: int,
-    shard_size: int,
-    fingerprint: str,
-    world: int,
-) -> dict[str, Any]:
-    from ssole_hub import __version__
-
-    shards = []
-    errors = []
-    for k in range(num_shards):
-        marker = _read_marker(out, k, options.file_format)
-        if marker is None:
-            raise RuntimeError(f"shard {k} of {out} is not finished; was a rank stopped early?")
-        shards.append(
-            {key: marker[key] for key in ("embeddings", "paths", "errors", "count", "num_errors")}
-        )
-        errors.append((out / marker["errors"]).read_text())
-    _write_atomic(out / ERRORS_FILE, "".join(errors).encode())
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "model_id": fx.model_id,
-        "output": options.output,
-        "normalize": options.normalize,
-        "dim": fx.dims[options.output],
-        "dtype": "float32",
-        "compute_dtype": str(fx.dtype).removeprefix("torch."),
-        "backend": fx.backend,
-        "preprocessing": {**fx.data_config, "draft_size": fx.decode_options.get("draft_size")},
-        "input": os.fspath(inputs) if isinstance(inputs, str | os.PathLike) else None,
-        "file_format": options.file_format,
-        "num_inputs": len(paths),
-        "num_embedded": sum(s["count"] for s in shards),
-        "num_errors": sum(s["num_errors"] for s in shards),
-        "errors_file": ERRORS_FILE,
-        "shard_size": shard_size,
-        "world_size": world,
-        "fingerprint": fingerprint,
-        "ssole_hub_version": __version__,
-        "shards": shards,
-    }
-    _write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=1, default=list).encode())
-    return manifest
-
-
-def read_embeddings(out_dir: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
-    """Read a finished extraction: ``(embeddings (n, dim) float32, paths)`` in input order.
-
-    Raises:
-        FileNotFoundError: ``out_dir`` has no manifest (the run is not finished).
-        ValueError: the manifest is of another format.
-    """
-    out = Path(out_dir)
-    if not (out / MANIFEST_FILE).is_file():
-        raise FileNotFoundError(f"{out} has no {MANIFEST_FILE}; is the extraction finished?")
-    manifest = json.loads((out / MANIFEST_FILE).read_text())
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{out / MANIFEST_FILE} is not a {MANIFEST_FORMAT} manifest")
-    arrays, paths = [], []
-    for shard in manifest["shards"]:
-        file = out / shard["embeddings"]
-        if manifest["file_format"] == "safetensors":
-            from safetensors.numpy import load_file
-
-            arrays.append(load_file(file)["embeddings"])
-        else:
-            arrays.append(np.load(file))
-        paths += (out / shard["paths"]).read_text().splitlines()
-    emb = np.concatenate(arrays) if arrays else np.empty((0, manifest["dim"]), np.float32)
-    return emb, paths
+    total = sum(len(source.ids(k)) for k in pending) if isinstance(source, ImageFiles) else None
+    dim = fx.dims[options.output]
+    ids, emb, errors = [], [], []
+    with tqdm(total=total, disable=not progress, unit="img", desc="extract") as bar:
+        for k, last, count, batch_ids, images, batch_errors in loader:
+            ids += batch_ids
+            errors += batch_errors
+            if batch_ids:
+                emb.append(fx.embed_tensor(images, options.output, options.normalize))
+            bar.update(count)
+            if last:
+                rows = torch.cat(emb).numpy() if emb else np.empty((0, dim), np.float32)
+                write_shard(out, k, ids, rows, errors, options.file_format, run_fingerprint)
+                ids, emb, errors = [], [], []

@@ -80,6 +80,7 @@ SKIPS: list[tuple[str, str]] = [
     (r"ssole-hub push|hf download", "publishes to or downloads from the real Hugging Face Hub"),
     (r"hf-hub:|load_model\(\"ssole_resnet", "downloads from the real Hugging Face Hub"),
     (r"OWNER/ssole-hub", "downloads the project from GitHub"),
+    (r"^ray start|--ray-address", "needs a multi-node Ray cluster"),
 ]
 if not FASHION_MNIST.is_dir():
     SKIPS.append((r"fashion.mnist", "needs Debian's dataset-fashion-mnist"))
@@ -262,7 +263,7 @@ class Session:
 def session(tmp_path_factory) -> Iterator[Session]:
     work = tmp_path_factory.mktemp("readme") / "ssole-hub"
     ignore = shutil.ignore_patterns(
-        ".git", ".venv", "runs", "demo_out", "exported", "emb", "__pycache__", "*.egg-info",
+        ".git", ".venv", "runs", "demo_out", "exported", "emb", "emb-ray", "shards", "__pycache__", "*.egg-info",
         ".pytest_cache", ".ruff_cache", "results",
     )  # fmt: skip
     shutil.copytree(REPO, work, ignore=ignore)

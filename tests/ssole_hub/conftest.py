@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -167,3 +170,90 @@ def run_python(script: str, env: dict[str, str], cwd: Path) -> dict:
 def python_subprocess():
     """``run(script, env, cwd) -> dict``: run a script in a fresh Python, return its last JSON line."""
     return run_python
+
+
+# --- extraction inputs: webdataset tars and parquet files of real photos ----------------------
+
+
+@dataclass(frozen=True)
+class RecordSet:
+    """An extraction input and what it must give: the embeddable records (id -> encoded bytes) in
+    order, and the records that must be listed as errors (id -> exception name)."""
+
+    inputs: str | list[str]
+    images: dict[str, bytes]
+    errors: dict[str, str]
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="session")
+def webdataset_tars(photos, photo_jpegs, tmp_path_factory) -> RecordSet:
+    """Two webdataset tars of real photos (``.jpg`` / ``.png`` plus a ``.cls`` label per sample),
+    named by a brace pattern; the second holds a truncated JPEG member and a sample without an
+    image."""
+    folder = tmp_path_factory.mktemp("webdataset")
+    truncated = photo_jpegs[4][:300]
+    samples = [
+        [("s000", "jpg", photo_jpegs[0]), ("s001", "jpg", photo_jpegs[1]), ("s002", "jpg", photo_jpegs[2])],
+        [("s003", "png", _png(photos[3])), ("s004", "jpg", truncated), ("s005", None, None),
+         ("s006", "jpg", photo_jpegs[5])],
+    ]  # fmt: skip
+    for n, shard in enumerate(samples):
+        with tarfile.open(folder / f"data-{n:03d}.tar", "w") as tar:
+            for key, suffix, data in shard:
+                if suffix:
+                    _add_member(tar, f"{key}.{suffix}", data)
+                _add_member(tar, f"{key}.cls", str(n).encode())
+    images = {f"data-{n:03d}.tar/{key}": data for n, shard in enumerate(samples)
+              for key, suffix, data in shard if suffix and data is not truncated}  # fmt: skip
+    errors = {"data-001.tar/s004": "CorruptImageError", "data-001.tar/s005": "MissingImageError"}
+    return RecordSet(str(folder / "data-{000..001}.tar"), images, errors)
+
+
+@pytest.fixture(scope="session")
+def parquet_files(photos, photo_jpegs, tmp_path_factory) -> RecordSet:
+    """Two parquet files with columns ``uid`` (int) and ``picture`` (encoded bytes) of real
+    photos; the second holds a row of garbage bytes and a null picture."""
+    pa = pytest.importorskip("pyarrow", reason="parquet needs the [parquet] extra")
+    import pyarrow.parquet as pq
+
+    folder = tmp_path_factory.mktemp("parquet")
+    rows = [
+        [(10, photo_jpegs[0]), (11, _png(photos[1])), (12, photo_jpegs[2])],
+        [(13, b"definitely not an image"), (14, None), (15, photo_jpegs[5])],
+    ]
+    files = []
+    for n, part in enumerate(rows):
+        table = pa.table(
+            {"uid": [r[0] for r in part], "picture": pa.array([r[1] for r in part], pa.binary())}
+        )
+        files.append(str(folder / f"part-{n}.parquet"))
+        pq.write_table(table, files[-1])
+    images = {str(uid): data for part in rows for uid, data in part if uid not in (13, 14)}
+    return RecordSet(files, images, {"13": "UnsupportedImageError", "14": "MissingImageError"})
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> str:
+    """One local Ray instance for the whole test run (2 CPUs, a 256 MiB object store, no
+    dashboard); returns its address, for subprocesses to join."""
+    ray = pytest.importorskip("ray", reason="the Ray engine needs the [ray] extra")
+    context = ray.init(
+        num_cpus=2,
+        object_store_memory=256 * 2**20,
+        include_dashboard=False,
+        configure_logging=False,
+    )
+    yield context.address_info["gcs_address"]
+    ray.shutdown()

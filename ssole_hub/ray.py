@@ -1,0 +1,338 @@
+"""Extraction on a Ray cluster: :class:`Embedder` for Ray Data pipelines, and the ``ray`` engine
+of ``ssole-hub extract`` (:func:`extract_with_ray`).
+
+In your own Ray Data pipeline, three lines embed any dataset with an encoded-image column::
+
+    from ssole_hub.ray import Embedder
+    ds = ray.data.read_parquet("images/")  # or read_webdataset / read_binary_files / read_images
+    ds = ds.map_batches(Embedder, fn_constructor_kwargs={"model": "hf-hub:ORG/NAME"},
+                        compute=ray.data.ActorPoolStrategy(size=4), num_gpus=1, batch_size=64)
+
+Each actor loads the model once, decodes through :func:`ssole_hub.images.decode_image` (size and
+pixel limits included) and preprocesses with the model's own transform, as everywhere else. The
+engine uses Ray Data's readers and actor pools as they are; the scheduling is Ray's. Ray is
+imported only here, and only when used: ``pip install 'ssole-hub[ray]'``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ssole_hub.extract import Options, fingerprint, manifest_header, resumable_shards
+from ssole_hub.extract_inputs import (
+    ImageFiles,
+    InputSource,
+    MissingImageError,
+    ParquetFiles,
+    TarShards,
+    image_bytes,
+)
+from ssole_hub.extract_output import write_manifest, write_shard
+from ssole_hub.extractor import FeatureExtractor, resolve_dtype
+from ssole_hub.models import Output
+
+__all__ = ["Embedder", "extract_with_ray", "require_ray"]
+
+
+def require_ray():
+    """The ``ray`` module with Ray Data, or an ImportError naming the extra that installs it."""
+    try:
+        import ray
+        import ray.data
+    except ImportError as exc:
+        raise ImportError(
+            "the Ray engine needs Ray Data: pip install 'ssole-hub[ray]' (or 'ray[data]')"
+        ) from exc
+    return ray
+
+
+class Embedder:
+    """A Ray Data ``map_batches`` class: one :class:`~ssole_hub.FeatureExtractor` per actor.
+
+    Input batches (``batch_format="numpy"``) need an image column: encoded bytes (as
+    ``read_binary_files``, ``read_webdataset(decoder=None)`` or a parquet column give), a
+    ``{"bytes": ...}`` struct, or ``uint8`` arrays (``read_images``). Output batches keep the other
+    columns and add ``embedding`` (``(n, dim)`` float32), ``error`` (the exception name, ``""``
+    when the row was embedded) and ``error_message``. A row that cannot be decoded gets a zero
+    embedding and its error; it never fails the batch.
+
+    Args:
+        model: anything :meth:`FeatureExtractor.from_pretrained` takes.
+        image_column: the image column, or several to try in order (the first non-empty cell of
+            a row is used; e.g. a webdataset's ``("jpg", "png")``). These columns are dropped
+            from the output.
+        output, normalize: as :meth:`FeatureExtractor.embed`.
+        device: default: the actor's GPU when Ray gave it one, else the CPU.
+        decode_threads: images decoded in parallel inside the actor.
+        **load: other :meth:`FeatureExtractor.from_pretrained` options (``dtype``, ``backend``,
+            ``max_bytes``, ``max_pixels``, ``fast_decode``, ``compile``).
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | torch.nn.Module,
+        *,
+        image_column: str | Sequence[str] = "image",
+        output: Output = "backbone",
+        normalize: bool = True,
+        device: torch.device | str | None = None,
+        decode_threads: int = 4,
+        **load: Any,
+    ) -> None:
+        self.fx = FeatureExtractor.from_pretrained(
+            model, device=device, with_projector=output == "projector", **load
+        )
+        self.image_columns = (image_column,) if isinstance(image_column, str) else image_column
+        self.output = output
+        self.normalize = normalize
+        self.pool = ThreadPoolExecutor(max_workers=decode_threads)
+
+    def _image(self, batch: dict[str, np.ndarray], i: int) -> Any:
+        for column in self.image_columns:
+            if column in batch:
+                cell = batch[column][i]
+                if isinstance(cell, np.ndarray) and cell.dtype == np.uint8:
+                    return cell
+                data = image_bytes(cell)
+                if data is not None:
+                    return data
+        return MissingImageError(f"no image in column(s) {', '.join(self.image_columns)}")
+
+    def _preprocess(self, image: Any) -> torch.Tensor | Exception:
+        try:
+            if isinstance(image, Exception):
+                raise image
+            return self.fx.preprocess_one(image)
+        except (ValueError, TypeError, OSError) as exc:  # ImageDecodeError is a ValueError
+            return exc
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Embed one batch; see the class docstring for the columns."""
+        n = len(next(iter(batch.values()))) if batch else 0
+        images = [self._image(batch, i) for i in range(n)]
+        done = list(self.pool.map(self._preprocess, images))
+        good = [i for i, x in enumerate(done) if isinstance(x, torch.Tensor)]
+        emb = np.zeros((n, self.fx.dims[self.output]), np.float32)
+        if good:
+            tensors = torch.stack([done[i] for i in good])
+            emb[good] = self.fx.embed_tensor(tensors, self.output, self.normalize).numpy()
+        out = {k: v for k, v in batch.items() if k not in self.image_columns}
+        out["embedding"] = emb
+        bad = [x if isinstance(x, Exception) else None for x in done]
+        out["error"] = np.array([type(e).__name__ if e else "" for e in bad], dtype=object)
+        out["error_message"] = np.array([str(e) if e else "" for e in bad], dtype=object)
+        return out
+
+
+# -- the engine -------------------------------------------------------------------------------
+
+Locate = Callable[[dict[str, np.ndarray], int], tuple[int, str]]
+
+
+def _read(ray, source: InputSource, pending: list[int]) -> tuple[Any, Sequence[str], Locate]:
+    """Ray Data's reader for the pending shards, the image column(s), and (batch, row) ->
+    (shard, record id)."""
+    if isinstance(source, ImageFiles):
+        where = {}
+        for k in pending:
+            for record_id in source.ids(k):
+                where[os.path.abspath(source.root / record_id)] = (k, record_id)
+        ds = ray.data.read_binary_files(list(where), include_paths=True, ignore_missing_paths=True)
+        return ds, "bytes", lambda b, i: where[os.path.abspath(b["path"][i])]
+    shard_of = {os.path.abspath(source.files[k]): k for k in pending}
+    files = [source.files[k] for k in pending]
+    if isinstance(source, TarShards):
+        names = source.names
+        ds = ray.data.read_webdataset(files, decoder=None)
+
+        def locate_sample(b: dict[str, np.ndarray], i: int) -> tuple[int, str]:
+            k = shard_of[os.path.abspath(b["__url__"][i])]
+            return k, f"{names[k]}/{b['__key__'][i]}"
+
+        return ds, source.image_columns, locate_sample
+    assert isinstance(source, ParquetFiles)
+    ds = ray.data.read_parquet(files, include_paths=True)
+    ds = ds.select_columns([source.id_column, source.image_column, "path"])
+
+    def locate_row(b: dict[str, np.ndarray], i: int) -> tuple[int, str]:
+        return shard_of[os.path.abspath(b["path"][i])], str(b[source.id_column][i])
+
+    return ds, source.image_column, locate_row
+
+
+class _ShardRows:
+    """The embedded rows and errors of one shard, as they arrive from the actors."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.rows: list[np.ndarray] = []
+        self.errors: list[dict[str, str]] = []
+        self.seen: list[str] = []
+
+    def add(self, record_id: str, row: np.ndarray, error: str, message: str) -> None:
+        self.seen.append(record_id)
+        if error:
+            self.errors.append({"path": record_id, "error": error, "message": message})
+        else:
+            self.ids.append(record_id)
+            self.rows.append(row)
+
+    def missing_files(self, expected: list[str]) -> None:
+        """Files Ray's reader skipped (they do not exist) become errors, as in the plain engine."""
+        left = deque(self.seen)
+        unseen = defaultdict(int)
+        for record_id in expected:
+            if left and left[0] == record_id:
+                left.popleft()
+            else:
+                unseen[record_id] += 1
+        for record_id, times in unseen.items():
+            message = f"{record_id} does not exist or cannot be read"
+            entry = {"path": record_id, "error": "FileNotFoundError", "message": message}
+            self.errors += [entry] * times
+
+
+def _write_rows(
+    batches: Iterator[dict[str, np.ndarray]],
+    locate: Locate,
+    pending: list[int],
+    write: Callable[[int, _ShardRows], None],
+) -> None:
+    """Group the rows (in input order: ``preserve_order``) by shard; write each shard when the
+    next one starts, and the shards no row came from (empty, or every file missing) in turn."""
+    order = {k: n for n, k in enumerate(pending)}
+    done = 0  # pending[:done] are written; pending[done] is the current shard
+    current, rows = None, _ShardRows()
+    for batch in batches:
+        for i in range(len(batch["embedding"])):
+            k, record_id = locate(batch, i)
+            if k != current:
+                if order[k] < done:
+                    raise RuntimeError(f"Ray Data returned shard {k} out of order")
+                for skipped in pending[done : order[k]]:
+                    write(skipped, rows if skipped == current else _ShardRows())
+                done, current, rows = order[k], k, _ShardRows()
+            rows.add(record_id, batch["embedding"][i], batch["error"][i], batch["error_message"][i])
+    for k in pending[done:]:
+        write(k, rows if k == current else _ShardRows())
+
+
+def _worker_dtype(dtype: torch.dtype | str | None, gpus: float) -> str:
+    if gpus == 0 or dtype not in (None, "auto"):
+        return str(resolve_dtype(dtype, torch.device("cpu"))).removeprefix("torch.")
+    return "auto (bfloat16 on CUDA, float16 on GPUs without bfloat16)"
+
+
+def extract_with_ray(
+    model: str | os.PathLike | torch.nn.Module,
+    inputs: Any,
+    source: InputSource,
+    out: Path,
+    options: Options,
+    load: dict[str, Any],
+    *,
+    batch_size: int = 64,
+    progress: bool = True,
+    ray_address: str | None = None,
+    num_gpus_per_worker: float | None = None,
+    concurrency: int | None = None,
+    num_cpus_per_worker: float | None = None,
+) -> dict[str, Any]:
+    """The ``ray`` engine of :func:`ssole_hub.extract.extract_dataset` (call that instead).
+
+    Reads ``source`` with Ray Data's own reader, runs ``concurrency`` :class:`Embedder` actors
+    (``num_gpus_per_worker`` GPUs each) through ``map_batches`` and writes each finished shard
+    from this driver with the same writer, markers and manifest as the plain engine; finished
+    shards are skipped, so a killed run resumes with nothing kept by Ray.
+
+    Args:
+        ray_address: the cluster to join (``ray.init(address=...)``); default: the one this
+            process is connected to, else ``RAY_ADDRESS``, else a new local one.
+        num_gpus_per_worker: GPUs per actor; default 1 when the cluster has GPUs, else 0.
+        concurrency: number of actors; default: the cluster's GPUs / ``num_gpus_per_worker``,
+            or 1 without GPUs.
+        num_cpus_per_worker: CPUs reserved per actor (its decoding and, on a CPU, its forward
+            pass threads); default 1.
+
+    Raises:
+        ImportError: Ray is not installed.
+        ValueError: bad resources (e.g. more GPUs per actor than the cluster has).
+    """
+    ray = require_ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=ray_address, include_dashboard=False)
+    try:
+        gpus, workers = _resources(ray, num_gpus_per_worker, concurrency)
+        backend = "torch" if load["backend"] == "auto" and gpus > 0 else load["backend"]
+        load = {**load, "backend": backend}
+        driver_load = {**load, "dtype": "float32", "compile": False}
+        fx = FeatureExtractor.from_pretrained(model, device="cpu", **driver_load)
+        run_fingerprint = fingerprint(fx, options, source)
+        pending = resumable_shards(out, list(range(source.num_shards)), options, run_fingerprint)
+        if pending:
+            ds, columns, locate = _read(ray, source, pending)
+            del load["with_projector"]
+            embedder = dict(model=model, image_column=columns, output=options.output)
+            ds = ds.map_batches(
+                Embedder,
+                fn_constructor_kwargs={**embedder, "normalize": options.normalize, **load},
+                batch_size=batch_size,
+                batch_format="numpy",
+                num_gpus=gpus,
+                num_cpus=num_cpus_per_worker or 1,
+                compute=ray.data.ActorPoolStrategy(size=workers),
+            )
+            ds.context.execution_options.preserve_order = True
+            ds.context.enable_progress_bars = progress
+
+            def write(k: int, rows: _ShardRows) -> None:
+                if isinstance(source, ImageFiles):
+                    rows.missing_files(source.ids(k))
+                dim = fx.dims[options.output]
+                emb = np.stack(rows.rows) if rows.rows else np.empty((0, dim), np.float32)
+                write_shard(
+                    out, k, rows.ids, emb, rows.errors, options.file_format, run_fingerprint
+                )
+
+            rows = ds.iter_batches(batch_format="numpy", batch_size=None)
+            _write_rows(rows, locate, pending, write)
+        header = manifest_header(
+            fx,
+            options,
+            inputs,
+            source,
+            run_fingerprint,
+            engine="ray",
+            ray_workers=workers,
+            num_gpus_per_worker=gpus,
+        )
+        header["compute_dtype"] = _worker_dtype(load["dtype"], gpus)
+        return write_manifest(out, header, source.num_shards, options.file_format)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _resources(ray, num_gpus: float | None, concurrency: int | None) -> tuple[float, int]:
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    gpus = (1 if cluster_gpus >= 1 else 0) if num_gpus is None else num_gpus
+    if gpus < 0 or (concurrency is not None and concurrency < 1):
+        raise ValueError(
+            f"need num_gpus_per_worker >= 0 and concurrency >= 1, got {gpus}, {concurrency}"
+        )
+    if gpus > cluster_gpus:
+        raise ValueError(
+            f"the Ray cluster has {cluster_gpus:g} GPUs; an actor cannot have {gpus:g}"
+        )
+    if concurrency is None:
+        concurrency = max(1, int(cluster_gpus // gpus)) if gpus else 1
+    return gpus, concurrency
