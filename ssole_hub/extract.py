@@ -44,6 +44,7 @@ from ssole_hub.images import (
     is_image_path,
 )
 from ssole_hub.models import Output
+from ssole_hub.version import __version__
 
 __all__ = ["MANIFEST_FILE", "MANIFEST_FORMAT", "extract_dataset", "list_images", "read_embeddings"]
 
@@ -242,7 +243,7 @@ def extract_dataset(
 
     Args:
         model: a model name / ``hf-hub:`` / ``local-dir:`` / folder / checkpoint (anything
-            :func:`ssole_hub.hub.load_model` takes), a built ``nn.Module``, or a
+            :func:`ssole_hub.load_model` takes), a built ``nn.Module``, or a
             :class:`~ssole_hub.FeatureExtractor` (then ``device``, ``dtype``, ``compile`` and
             the limits are its own).
         inputs: a folder, a text file of paths, or a list of paths (see :func:`list_images`).
@@ -433,8 +434,6 @@ def _write_manifest(
     fingerprint: str,
     world: int,
 ) -> dict[str, Any]:
-    from ssole_hub import __version__
-
     shards = []
     errors = []
     for k in range(num_shards):

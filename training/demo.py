@@ -27,7 +27,7 @@ import timm
 import torch
 from PIL import Image
 
-from ssole_hub.hub import export_hub_folder, load_model
+from ssole_hub import export_hub_folder, load_model
 from training.config import load_config
 from training.evaluate import evaluate
 from training.pretrain import run
