@@ -10,7 +10,6 @@ from ssole_hub.hub.export import HubFolder, export_hub_folder, validate_hub_fold
 from ssole_hub.hub.fetch import HubUnavailableError
 from ssole_hub.hub.folder import HubFolderError
 from ssole_hub.hub.load import load_model
-from ssole_hub.hub.model_stats import ModelStats
 from ssole_hub.hub.publish import push_to_hub
 from ssole_hub.images import (
     CorruptImageError,
@@ -33,7 +32,6 @@ __all__ = [
     "HubUnavailableError",
     "ImageDecodeError",
     "ImageTooLargeError",
-    "ModelStats",
     "Output",
     "Preprocessing",
     "SSOLELoss",
