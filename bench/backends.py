@@ -6,7 +6,8 @@ each, interleaved so that a change in the machine's load touches every backend a
 
 - **torch eager fp32**: :class:`~ssole_hub.models.SSOLEModel` on contiguous (NCHW) tensors;
 - **torch**: the ``torch`` backend of :class:`~ssole_hub.FeatureExtractor` (channels_last,
-  float32);
+  float32), and **torch compile**, the same with ``compile=True`` (``torch.compile``, compiled
+  during the warm-up pass of each batch size);
 - **onnx**, **onnx-bf16** and **onnx-int8**: the extractor's OpenVINO backends on the folder's
   ``onnx/model.onnx`` (float32 and bfloat16 precision) and ``onnx/model_int8.onnx``, written by
   :func:`ssole_hub.export_onnx` with the int8 file calibrated on the photos (export refuses an
@@ -102,6 +103,8 @@ def forwards(folder: Path, record: dict) -> dict[str, Forward]:
             continue
         fx = FeatureExtractor.from_pretrained(folder, backend=backend, device="cpu")
         runs[backend] = lambda x, fx=fx: fx.embed_tensor(x, "backbone", normalize=False)
+    compiled = FeatureExtractor.from_pretrained(folder, device="cpu", compile=True)
+    runs["torch compile"] = lambda x: compiled.embed_tensor(x, "backbone", normalize=False)
     return runs | onnxruntime_forwards(folder, record)
 
 

@@ -218,7 +218,7 @@ def epochs_for_budget(
 def export_ssole(checkpoint: Path, out: Path, rows: list[dict[str, Any]]) -> Path:
     """Export SSOLE's checkpoint as a hub folder whose card holds this benchmark's results (its
     own and the raw-pixel and random-init baselines'). Returns the folder."""
-    from ssole_hub.hub import export_hub_folder
+    from ssole_hub import export_hub_folder
 
     by_name = {r["model"]: r for r in rows}
     own = by_name["ssole"]

@@ -70,8 +70,8 @@ def random_model_folder(out: Path, input_px: int) -> str:
     import timm
     import torch
 
-    from ssole_hub.checkpoint import ModelCheckpoint
-    from ssole_hub.hub import export_hub_folder
+    from ssole_hub import export_hub_folder
+    from ssole_hub.hub.checkpoint import ModelCheckpoint
     from ssole_hub.models import SSOLEProjector
 
     torch.manual_seed(0)

@@ -1,17 +1,16 @@
 """SSOLE Hub: self-supervised SSOLE ResNets for timm, torch.hub and HTTP.
 
-``import ssole_hub`` registers ``ssole_resnet18`` and ``ssole_resnet50`` with timm.
+``import ssole_hub`` registers ``ssole_resnet18`` and ``ssole_resnet50`` with timm: build them with
+``timm.create_model("ssole_resnet18", ...)``. The ``torch.hub`` entry points of the same names
+(``hubconf.py``) are pretrained, eval-mode feature extractors.
 """
 
 from ssole_hub.extractor import FeatureExtractor
-from ssole_hub.hub import (
-    HubFolder,
-    HubFolderError,
-    export_hub_folder,
-    load_model,
-    push_to_hub,
-    validate_hub_folder,
-)
+from ssole_hub.hub.export import HubFolder, export_hub_folder, validate_hub_folder
+from ssole_hub.hub.fetch import HubUnavailableError
+from ssole_hub.hub.folder import HubFolderError
+from ssole_hub.hub.load import load_model
+from ssole_hub.hub.publish import push_to_hub
 from ssole_hub.images import (
     CorruptImageError,
     ImageDecodeError,
@@ -20,24 +19,17 @@ from ssole_hub.images import (
     decode_image,
 )
 from ssole_hub.loss import SSOLELoss, SSOLELossParts, nuclear_norm, ssole_loss
-from ssole_hub.models import (
-    Output,
-    SSOLEModel,
-    SSOLEProjector,
-    l2_normalize,
-    ssole_resnet18,
-    ssole_resnet50,
-)
+from ssole_hub.models import Output, SSOLEModel, SSOLEProjector, l2_normalize
 from ssole_hub.onnx_export import export_onnx
 from ssole_hub.preprocessing import Preprocessing, resolve_preprocessing
-
-__version__ = "0.1.0"
+from ssole_hub.version import __version__
 
 __all__ = [
     "CorruptImageError",
     "FeatureExtractor",
     "HubFolder",
     "HubFolderError",
+    "HubUnavailableError",
     "ImageDecodeError",
     "ImageTooLargeError",
     "Output",
@@ -57,7 +49,5 @@ __all__ = [
     "push_to_hub",
     "resolve_preprocessing",
     "ssole_loss",
-    "ssole_resnet18",
-    "ssole_resnet50",
     "validate_hub_folder",
 ]

@@ -148,7 +148,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ssole_hub.hub import export_hub_folder
+    from ssole_hub.hub.export import export_hub_folder
     from ssole_hub.onnx_export import export_onnx
 
     if args.checkpoint is None:
@@ -191,14 +191,14 @@ def _print_onnx(record: dict) -> None:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from ssole_hub.hub import validate_hub_folder
+    from ssole_hub.hub.export import validate_hub_folder
 
     print(validate_hub_folder(args.folder))
     return 0
 
 
 def _push(args: argparse.Namespace) -> int:
-    from ssole_hub.hub import push_to_hub
+    from ssole_hub.hub.publish import push_to_hub
 
     print(
         push_to_hub(

@@ -59,6 +59,7 @@ from ssole_hub.images import (
     decode_image,
 )
 from ssole_hub.models import Output
+from ssole_hub.version import __version__
 
 __all__ = [
     "MANIFEST_FILE",
@@ -172,8 +173,6 @@ def manifest_header(
     **engine: Any,
 ) -> dict[str, Any]:
     """The manifest's description of a run (``engine``: how it ran, e.g. ``world_size``)."""
-    from ssole_hub import __version__
-
     return {
         "model_id": fx.model_id,
         "output": options.output,
@@ -244,7 +243,7 @@ def extract_dataset(
 
     Args:
         model: a model name / ``hf-hub:`` / ``local-dir:`` / folder / checkpoint (anything
-            :func:`ssole_hub.hub.load_model` takes), a built ``nn.Module``, or (plain engine) a
+            :func:`ssole_hub.load_model` takes), a built ``nn.Module``, or (plain engine) a
             :class:`~ssole_hub.FeatureExtractor` (then ``device``, ``dtype``, ``compile`` and
             the limits are its own).
         inputs: a folder of images, a text file of paths, webdataset tars or parquet files (a

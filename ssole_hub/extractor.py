@@ -272,7 +272,7 @@ class FeatureExtractor:
             if chosen != "torch":
                 raise ValueError(f"backend {chosen!r} needs a hub folder, not a built module")
             return cls(model, model_id=model_id, **kwargs)
-        from ssole_hub.loading import load_model
+        from ssole_hub.hub.load import load_model
 
         name = os.fspath(model)
         if chosen != "torch":

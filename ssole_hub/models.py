@@ -4,6 +4,12 @@ The backbones are timm's own ResNet-18/50 (state dicts interchangeable with ``re
 ``resnet50``), built with ``num_classes=0`` so they output pooled features. Their pretrained
 configs live in one table, in timm's style, and point at Hugging Face Hub repos named
 ``<org>/<model>.<tag>``; the org comes from the ``SSOLE_HUB_ORG`` environment variable.
+
+The builders are reached through timm only (``timm.create_model("ssole_resnet18", ...)``: timm's
+defaults, random init and train mode unless asked otherwise); the package does not export them,
+because ``torch.hub``'s ``ssole_resnet18`` (:mod:`ssole_hub.hub.torch_hub`) is a different thing:
+pretrained weights, eval mode. With ``pretrained=True`` they fail at once, naming the ways out,
+when the weights are neither cached nor downloadable (:mod:`ssole_hub.hub.fetch`).
 """
 
 from __future__ import annotations
@@ -14,9 +20,11 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet, _create_resnet
 from torch import nn
+
+from ssole_hub.hub.fetch import require_pretrained_weights
 
 __all__ = [
     "HUB_ORG",
@@ -27,8 +35,6 @@ __all__ = [
     "SSOLEModel",
     "SSOLEProjector",
     "l2_normalize",
-    "ssole_resnet18",
-    "ssole_resnet50",
 ]
 
 HUB_ORG = os.environ.get("SSOLE_HUB_ORG", "ssole-hub")
@@ -77,6 +83,14 @@ def _create(
     variant: str, pretrained: bool, block: type[nn.Module], layers: list[int], **kwargs
 ) -> ResNet:
     kwargs.setdefault("num_classes", 0)
+    if pretrained:
+        # timm's own download retries an unreachable Hub for half a minute, then fails vaguely.
+        cfg = resolve_pretrained_cfg(
+            variant,
+            pretrained_cfg=kwargs.get("pretrained_cfg"),
+            pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
+        )
+        require_pretrained_weights(cfg.to_dict(), kwargs.get("cache_dir"))
     return _create_resnet(variant, pretrained, **dict(block=block, layers=layers), **kwargs)
 
 

@@ -29,16 +29,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ssole_hub.hub_format import (
-    CONFIG_FILE,
-    SSOLE_FILE,
-    Fetch,
-    HubFolderError,
-    check_repo_id,
-    hub_fetch,
-    local_fetch,
-    read_json,
-)
+from ssole_hub.hub.fetch import Fetch, check_repo_id, hub_fetch, local_fetch
+from ssole_hub.hub.folder import CONFIG_FILE, SSOLE_FILE, HubFolderError, read_json
 from ssole_hub.models import OUTPUTS, Output
 
 __all__ = [

@@ -39,10 +39,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssole_hub.hub_format import MODEL_CARD_FILE, SSOLE_FILE, read_json
+from ssole_hub.hub.folder import MODEL_CARD_FILE, SSOLE_FILE, read_json
+from ssole_hub.hub.load import load_model
+from ssole_hub.hub.model_card import with_onnx_section
 from ssole_hub.images import decode_image
-from ssole_hub.loading import load_model
-from ssole_hub.model_card import with_onnx_section
 from ssole_hub.models import SSOLEModel
 from ssole_hub.onnx_backend import (
     BACKEND_FILES,

@@ -17,6 +17,9 @@ installed; Xet is a separate content-addressed protocol this stand-in does not i
 clients that push here run with ``HF_HUB_DISABLE_XET=1`` (the client's plain LFS transfer).
 
 Repos live in memory: branches point at commits, commits at ``{path: bytes}`` snapshots.
+
+``outage=503`` (any status) makes it answer every download request (``HEAD``/``GET``) with that
+status, as a Hub that is down, or a proxy that cannot reach it, does; requests are still recorded.
 """
 
 from __future__ import annotations
@@ -62,11 +65,18 @@ class LoopbackHub:
         token: if set, upload routes (and downloads of private repos) require
             ``Authorization: Bearer <token>`` and answer 401 otherwise.
         lfs_suffixes: file name endings the preupload route asks to send through LFS.
+        outage: if set, the HTTP status every download is answered with (an unavailable Hub).
     """
 
-    def __init__(self, token: str | None = None, lfs_suffixes: tuple[str, ...] = (".safetensors",)):
+    def __init__(
+        self,
+        token: str | None = None,
+        lfs_suffixes: tuple[str, ...] = (".safetensors",),
+        outage: int | None = None,
+    ):
         self.token = token
         self.lfs_suffixes = lfs_suffixes
+        self.outage = outage
         self.repos: dict[str, HubRepo] = {}
         self.lfs_objects: dict[str, bytes] = {}
         self.requests: list[tuple[str, str]] = []
@@ -172,6 +182,8 @@ def _make_handler(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
             self._resolve(self._route())
 
         def _resolve(self, path: str) -> None:
+            if hub.outage is not None:
+                return self._error(hub.outage, "Service Unavailable")
             m = _RESOLVE.match(path)
             if not m:
                 return self._error(404, f"no route {path}")

@@ -1,9 +1,9 @@
 """Training checkpoints: atomic writes, keep-last-K, finding the newest, and RNG state capture.
 
-A checkpoint is the model part of :func:`ssole_hub.checkpoint.model_checkpoint_state` plus the
+A checkpoint is the model part of :func:`ssole_hub.hub.checkpoint.model_checkpoint_state` plus the
 training state (optimizer, scaler, schedule, epoch / step position, RNG states of every rank).
 Everything is a tensor, dict, list, string or number, so it loads with ``weights_only=True``; the
-export side reads the model part with :func:`ssole_hub.checkpoint.load_model_checkpoint`.
+export side reads the model part with :func:`ssole_hub.hub.checkpoint.load_model_checkpoint`.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ssole_hub.hub import export_hub_folder, load_model
+from ssole_hub import export_hub_folder, load_model
 from training.config import load_config
 from training.data import labelled_splits
 from training.evaluate import evaluate

@@ -6,7 +6,7 @@ Usage::
     python -m training.evaluate --model run/checkpoint.pt --dataset folder data/pets \\
         --protocol knn,rankme --out eval.json
 
-``--model`` takes whatever :func:`ssole_hub.hub.load_model` takes (a name, ``local-dir:PATH``,
+``--model`` takes whatever :func:`ssole_hub.load_model` takes (a name, ``local-dir:PATH``,
 ``hf-hub:REPO`` or a training checkpoint). Features are the backbone's pooled output, computed
 with the model's evaluation transform (from its ``pretrained_cfg``).
 
@@ -339,7 +339,7 @@ def evaluate(
     """Evaluate a model on a labelled dataset; returns the JSON-ready results (module docstring).
 
     Args:
-        model: anything :func:`ssole_hub.hub.load_model` accepts, or a loaded backbone (whose
+        model: anything :func:`ssole_hub.load_model` accepts, or a loaded backbone (whose
             ``pretrained_cfg`` sets the evaluation transform).
         dataset: ``fashion-mnist``, ``digits`` or ``folder`` (with ``data_path``).
         data_path: the image folder for ``folder``; for ``fashion-mnist``, optionally a folder of
@@ -356,7 +356,7 @@ def evaluate(
         ValueError: for an unknown protocol or dataset, or bad settings.
         FileNotFoundError: for a missing model or dataset.
     """
-    from ssole_hub.hub import load_model
+    from ssole_hub import load_model
 
     protocols = _check_protocols(protocols)
     backbone = load_model(model, pretrained=pretrained) if isinstance(model, str) else model

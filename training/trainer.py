@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import ssole_hub  # noqa: F401 - registers ssole_resnet* with timm
-from ssole_hub.checkpoint import model_checkpoint_state
+from ssole_hub.hub.checkpoint import model_checkpoint_state
 from ssole_hub.models import SSOLEModel, SSOLEProjector
 from training.checkpointing import capture_rng_state, restore_rng_state
 from training.config import Config
@@ -210,7 +210,7 @@ class Trainer:
     def state_dict(
         self, epoch: int, step_in_epoch: int, metadata: dict[str, Any]
     ) -> dict[str, Any]:
-        """The full checkpoint: model part (``ssole_hub.checkpoint``) plus training state. Collective:
+        """The full checkpoint: model part (``ssole_hub.hub.checkpoint``) plus training state. Collective:
         every rank must call it (RNG states are gathered); only rank 0 needs to save the result."""
         rng = all_gather_objects(capture_rng_state())
         state = model_checkpoint_state(

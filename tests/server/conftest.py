@@ -24,7 +24,7 @@ from server.app import create_app
 from server.backend import BackendLoader
 from server.settings import ServerSettings
 from ssole_hub import FeatureExtractor, export_hub_folder
-from ssole_hub.checkpoint import ModelCheckpoint
+from ssole_hub.hub.checkpoint import ModelCheckpoint
 from ssole_hub.models import SSOLEProjector
 
 INPUT_PX = 64

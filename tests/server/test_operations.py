@@ -213,7 +213,7 @@ def backbone_only_dir(tmp_path_factory):
     import timm
     import torch
 
-    from ssole_hub.hub import export_hub_folder
+    from ssole_hub import export_hub_folder
 
     torch.manual_seed(1)
     backbone = timm.create_model(

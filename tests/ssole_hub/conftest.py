@@ -19,7 +19,7 @@ import timm
 import torch
 
 import ssole_hub
-from ssole_hub.checkpoint import model_checkpoint_state
+from ssole_hub.hub.checkpoint import model_checkpoint_state
 from ssole_hub.models import SSOLEModel, SSOLEProjector
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

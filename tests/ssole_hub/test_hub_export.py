@@ -12,9 +12,9 @@ import torch
 from huggingface_hub import ModelCard
 
 import ssole_hub
-from ssole_hub.checkpoint import CheckpointError, load_model_checkpoint
+from ssole_hub import HubFolderError
 from ssole_hub.cli import main
-from ssole_hub.hub import HubFolderError
+from ssole_hub.hub.checkpoint import CheckpointError, load_model_checkpoint
 
 
 def test_export_writes_timm_config_weights_projector_metadata_and_card(

@@ -12,8 +12,7 @@ import timm
 import torch
 
 import ssole_hub
-from ssole_hub import SSOLEModel
-from ssole_hub.hub import HubFolderError
+from ssole_hub import HubFolderError, SSOLEModel
 
 VANILLA_TIMM_SCRIPT = """
 import json, sys

@@ -9,6 +9,7 @@ time, so every client runs in a fresh subprocess.
 from __future__ import annotations
 
 import hashlib
+import socket
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import timm
 import torch
 from huggingface_hub import hf_hub_download
 
-from ssole_hub.hub import HUB_FILES
+from ssole_hub.hub.folder import HUB_FILES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -195,7 +196,7 @@ def test_push_with_the_default_client_settings_commits_every_file(
     """hf_xet is installed, so the client takes its pipelined upload path; the stand-in asks for
     every file inline ("regular"), which that path commits without Xet storage."""
     script = (
-        "import json; from ssole_hub.hub import push_to_hub\n"
+        "import json; from ssole_hub import push_to_hub\n"
         f"info = push_to_hub({str(hub_folder)!r}, 'me/default-path', commit_message='default')\n"
         "print(json.dumps({'oid': info.oid}))"
     )
@@ -207,3 +208,81 @@ def test_push_with_the_default_client_settings_commits_every_file(
     assert repo.messages[result["oid"]] == "default"
     for name in HUB_FILES:
         assert hub.files("me/default-path")[name] == (hub_folder / name).read_bytes(), name
+
+
+UNAVAILABLE_SCRIPT = """
+import json, time
+import timm
+import ssole_hub
+
+def attempt(load):
+    start = time.perf_counter()
+    try:
+        load()
+    except ssole_hub.HubUnavailableError as exc:
+        return dict(seconds=time.perf_counter() - start, error=str(exc),
+                    is_file_not_found=isinstance(exc, FileNotFoundError))
+    return dict(seconds=time.perf_counter() - start, error=None)
+
+print(json.dumps(dict(
+    timm=attempt(lambda: timm.create_model("ssole_resnet50", pretrained=True)),
+    load_model=attempt(lambda: ssole_hub.load_model("ssole_resnet18.in100_m4")),
+    hf_hub=attempt(lambda: ssole_hub.load_model("hf-hub:someone/custom-model")),
+)))
+"""
+
+
+def _unavailable(env: dict, python_subprocess, tmp_path) -> dict:
+    return python_subprocess(UNAVAILABLE_SCRIPT, {**env, "SSOLE_HUB_ORG": "test-org"}, tmp_path)
+
+
+def _assert_clear_and_fast(result: dict, repo_id: str, reason: str) -> None:
+    assert result["error"] is not None, f"{repo_id} loaded"
+    assert result["is_file_not_found"]
+    message = result["error"]
+    assert repr(repo_id) in message and reason in message
+    for way_out in ("local-dir:PATH", "ssole_hub.load_model('PATH')", "HF_HUB_OFFLINE=1"):
+        assert way_out in message, way_out
+    assert f"hf download {repo_id}" in message and "make demo" in message
+    # huggingface_hub alone retries an uncached file with back-off: 1 + 2 + 4 + 8 + 8 s.
+    assert result["seconds"] < 5, result["seconds"]
+
+
+def test_an_unavailable_hub_fails_after_one_lookup_naming_the_repo_and_the_ways_out(
+    make_loopback_hub, hub_env, python_subprocess, tmp_path
+):
+    """Simulated: a Hub that answers every download with HTTP 503 (down, or a proxy that cannot
+    reach it), at HF_ENDPOINT, with an empty cache; each load may ask it once, and only once."""
+    hub = make_loopback_hub(outage=503)
+    result = _unavailable({**hub_env, "HF_ENDPOINT": hub.endpoint}, python_subprocess, tmp_path)
+    for key, repo_id in [
+        ("timm", "test-org/ssole_resnet50.in1k_m8"),
+        ("load_model", "test-org/ssole_resnet18.in100_m4"),
+        ("hf_hub", "someone/custom-model"),
+    ]:
+        _assert_clear_and_fast(result[key], repo_id, "answered HTTP 503")
+    asked = [path for _, path in hub.requests]
+    assert asked == [
+        "/test-org/ssole_resnet50.in1k_m8/resolve/main/model.safetensors",
+        "/test-org/ssole_resnet18.in100_m4/resolve/main/model.safetensors",
+        "/someone/custom-model/resolve/main/config.json",
+    ]
+
+
+def test_no_network_fails_at_once_and_a_missing_repo_says_it_is_not_published(
+    loopback_hub, hub_env, python_subprocess, tmp_path
+):
+    """Simulated: no network, as a loopback port nothing listens on (connection refused); then a
+    reachable stand-in Hub that has none of the repos (404, as for a recipe not yet published)."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{closed.getsockname()[1]}"  # bound, never listening
+        result = _unavailable({**hub_env, "HF_ENDPOINT": nobody}, python_subprocess, tmp_path)
+    _assert_clear_and_fast(result["timm"], "test-org/ssole_resnet50.in1k_m8", "cannot be reached")
+    _assert_clear_and_fast(result["hf_hub"], "someone/custom-model", "cannot be reached")
+
+    env = {**hub_env, "HF_ENDPOINT": loopback_hub.endpoint}
+    result = _unavailable(env, python_subprocess, tmp_path)
+    _assert_clear_and_fast(result["load_model"], "test-org/ssole_resnet18.in100_m4", "not found")
+    assert "not published yet" in result["load_model"]["error"]
+    assert len(loopback_hub.requests) == 3

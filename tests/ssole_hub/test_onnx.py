@@ -115,8 +115,9 @@ def test_export_records_its_figures_in_ssole_json_and_the_card(onnx_folder):
     int8 = record["backends"]["onnx-int8"]
     share = int8["neighbour_agreement"]["backbone"]
     row = f"| onnx-int8 | `onnx/model_int8.onnx` | f32 | backbone | {int8['min_cosine']['backbone']:.6f}"
-    assert f"{row} (0.99) | {share:.4f} | True |" in card
-    assert card.index("## ONNX backends") < card.index("## Citation")
+    assert f"{row} (0.99) | {share:.6f} | True |" in card
+    assert card.count("### ONNX backends") == 1
+    assert card.index("### ONNX backends") < card.index("## Citation")
 
 
 def test_bf16_keeps_its_limit_and_reports_the_precision_it_runs_at(onnx_folder, jpeg_dir):

@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 
-from ssole_hub.checkpoint import load_model_checkpoint
+from ssole_hub.hub.checkpoint import load_model_checkpoint
 from ssole_hub.preprocessing import resolve_preprocessing
 from training import pretrain
 from training.data import DatasetNotFoundError

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ssole_hub.checkpoint import load_model_checkpoint
+from ssole_hub.hub.checkpoint import load_model_checkpoint
 from training.data import FASHION_MNIST_DIR, labelled_splits
 
 ROOT = Path(__file__).resolve().parents[2]

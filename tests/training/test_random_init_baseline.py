@@ -10,8 +10,8 @@ import timm
 import torch
 
 from ssole_hub import export_hub_folder, load_model
-from ssole_hub.checkpoint import ModelCheckpoint
-from ssole_hub.model_card import render_model_card
+from ssole_hub.hub.checkpoint import ModelCheckpoint
+from ssole_hub.hub.model_card import render_model_card
 from training.evaluate import main
 
 pytestmark = pytest.mark.slow
@@ -63,15 +63,8 @@ def test_model_card_marks_random_init_results_and_has_a_real_header(digits_model
     results_path = tmp_path / "eval.json"
     main(["--model", str(digits_model), "--random-init", *SMALL, "--out", str(results_path)])
     results = json.loads(results_path.read_text())
-    text = render_model_card(
-        repo_id="me/digits-model",
-        architecture="ssole_resnet18",
-        timm_architecture="resnet18",
-        num_features=512,
-        projector_config=None,
-        metadata={},
-        eval_results=results,
-    )
+    record = json.loads((digits_model / "ssole.json").read_text())
+    text = render_model_card({**record, "eval_results": results}, repo_id="me/digits-model")
     assert "at random initialisation (a baseline)" in text
     assert "| dataset | metric | value | settings |" in text
     knn = results["protocols"]["knn"]["top1"]

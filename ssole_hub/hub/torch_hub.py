@@ -1,10 +1,16 @@
-"""``torch.hub`` entry points (re-exported by ``hubconf.py``): SSOLE backbones, pretrained by default."""
+"""``torch.hub`` entry points (re-exported by ``hubconf.py``): SSOLE backbones, pretrained by default.
+
+They share their names with the timm models ``import ssole_hub`` registers, but not their
+meaning: these load the released weights and return eval-mode feature extractors, while
+``timm.create_model("ssole_resnet18")`` follows timm's defaults (random init, train mode). So the
+package exports neither; timm's are reached through timm, these through ``torch.hub``.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
-from ssole_hub.hub import load_model
+from ssole_hub.hub.load import load_model
 
 __all__ = ["ssole_resnet18", "ssole_resnet50"]
 

@@ -1,7 +1,6 @@
-"""Hub folders: export a checkpoint or model, validate a folder, publish it to the Hugging Face Hub.
+"""Writing and checking hub folders: :func:`export_hub_folder` and :func:`validate_hub_folder`.
 
-The folder format lives in :mod:`ssole_hub.hub_format`, loading in :mod:`ssole_hub.loading`;
-both are re-exported here so that ``ssole_hub.hub`` is the one place to import the hub API from.
+The folder format is :mod:`ssole_hub.hub.folder`; publishing is :mod:`ssole_hub.hub.publish`.
 """
 
 from __future__ import annotations
@@ -18,17 +17,15 @@ from typing import Any
 import safetensors.torch
 import timm
 import torch
-from huggingface_hub import CommitInfo, HfApi
 from timm.models import get_pretrained_cfg, is_model
 from torch import nn
 
-import ssole_hub
-from ssole_hub.checkpoint import ModelCheckpoint, load_model_checkpoint
 from ssole_hub.file_modes import give_umask_mode
-from ssole_hub.hub_format import (
+from ssole_hub.hub.checkpoint import ModelCheckpoint, load_model_checkpoint
+from ssole_hub.hub.fetch import local_fetch
+from ssole_hub.hub.folder import (
     CONFIG_FILE,
     EXPORTED_CFG_KEYS,
-    HUB_FILES,
     HUB_FOLDER_FORMAT,
     MODEL_CARD_FILE,
     PROJECTOR_FILE,
@@ -36,34 +33,19 @@ from ssole_hub.hub_format import (
     WEIGHTS_FILE,
     HubFolderError,
     build_projector,
-    check_repo_id,
     drop_classifier,
     load_checked,
-    local_fetch,
     read_backbone,
     read_json,
     read_projector,
 )
-from ssole_hub.loading import load_model
-from ssole_hub.model_card import render_model_card
+from ssole_hub.hub.model_card import render_model_card
+from ssole_hub.hub.model_stats import measure_model_stats
 from ssole_hub.models import HUB_ORG
 from ssole_hub.onnx_backend import ONNX_FILES, check_session, open_session
+from ssole_hub.version import __version__
 
-__all__ = [
-    "CONFIG_FILE",
-    "HUB_FILES",
-    "HUB_FOLDER_FORMAT",
-    "MODEL_CARD_FILE",
-    "PROJECTOR_FILE",
-    "SSOLE_FILE",
-    "WEIGHTS_FILE",
-    "HubFolder",
-    "HubFolderError",
-    "export_hub_folder",
-    "load_model",
-    "push_to_hub",
-    "validate_hub_folder",
-]
+__all__ = ["HubFolder", "export_hub_folder", "validate_hub_folder"]
 
 
 @dataclass
@@ -91,9 +73,6 @@ class HubFolder:
             f"{self.num_features} features, {proj}"
             + (f", ONNX {', '.join(self.onnx_files)}" if self.onnx_files else "")
         )
-
-
-# --- export ---------------------------------------------------------------------------------
 
 
 def _timm_architecture(arch: str) -> str:
@@ -158,7 +137,7 @@ def _save_safetensors(state: Mapping[str, torch.Tensor], path: Path) -> None:
 
 def _code_version() -> dict[str, str]:
     return {
-        "ssole_hub": ssole_hub.__version__,
+        "ssole_hub": __version__,
         "timm": timm.__version__,
         "torch": torch.__version__,
     }
@@ -178,8 +157,12 @@ def export_hub_folder(
 ) -> Path:
     """Write a hub folder for a training checkpoint or a model; returns the folder's path.
 
+    Besides the weights and ``config.json`` it writes ``ssole.json`` (training metadata,
+    evaluation results, code version and the model's measured size and cost,
+    :func:`~ssole_hub.hub.model_stats.measure_model_stats`) and the model card rendered from it.
+
     Args:
-        source: a training checkpoint path, a :class:`~ssole_hub.checkpoint.ModelCheckpoint`, an
+        source: a training checkpoint path, a :class:`~ssole_hub.hub.checkpoint.ModelCheckpoint`, an
             encoder with ``.backbone`` (timm) and ``.projector`` (:class:`SSOLEProjector`), such as
             :class:`~ssole_hub.models.SSOLEModel`, or a bare timm backbone (no projector exported).
         out_dir: the folder to write; must not exist unless ``overwrite``.
@@ -194,16 +177,10 @@ def export_hub_folder(
 
     Raises:
         FileExistsError: if ``out_dir`` exists and ``overwrite`` is false.
-        FileNotFoundError, ssole_hub.checkpoint.CheckpointError: for an unreadable checkpoint.
+        FileNotFoundError, ssole_hub.hub.checkpoint.CheckpointError: for an unreadable checkpoint.
         HubFolderError: for an unknown architecture or weights that do not fit it.
     """
-    if isinstance(source, ModelCheckpoint):
-        ckpt = source
-    elif isinstance(source, nn.Module):
-        ckpt = _checkpoint_from_model(source, metadata)
-    else:
-        ckpt = load_model_checkpoint(source)
-
+    ckpt = _read_source(source, metadata)
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(
@@ -215,56 +192,78 @@ def export_hub_folder(
     meta = {**ckpt.metadata, **(metadata or {})}
     results = {**meta.pop("eval_results", {}), **(eval_results or {})}
 
-    # Build the vanilla model once: it checks the weights fit and gives num_features.
+    # Build the vanilla model once: it checks the weights fit, gives num_features and is measured.
     backbone = timm.create_model(timm_arch, pretrained=False, num_classes=0)
     load_checked(backbone, backbone_state, f"{ckpt.arch} backbone weights")
     projector_config = dict(ckpt.projector_config) if ckpt.projector else None
     if projector_config is not None:
         build_projector(projector_config, ckpt.projector, backbone.num_features, "projector")
+    stats = measure_model_stats(backbone, pretrained_cfg["input_size"])
+    config = {
+        "architecture": timm_arch,
+        "num_classes": 0,
+        "num_features": backbone.num_features,
+        "global_pool": "avg",
+        "pretrained_cfg": pretrained_cfg,
+    }
+    ssole = {
+        "format": HUB_FOLDER_FORMAT,
+        "architecture": ckpt.arch,
+        "timm_architecture": timm_arch,
+        "num_features": backbone.num_features,
+        "projector_config": projector_config,
+        "model_stats": stats.to_dict(),
+        "metadata": meta,
+        "eval_results": results,
+        "code_version": _code_version(),
+    }
+    dataset = meta.get("dataset")
+    if datasets is None and isinstance(dataset, str) and not os.path.isabs(dataset):
+        datasets = [dataset]
+    card = render_model_card(
+        ssole,
+        repo_id=repo_id or f"{HUB_ORG}/{out.name}",
+        license=license,
+        datasets=datasets,
+        tags=tags,
+        hub_tag=pretrained_cfg.get("tag"),
+    )
+    files = {CONFIG_FILE: config, SSOLE_FILE: ssole, MODEL_CARD_FILE: card}
+    _write_folder(out, backbone_state, ckpt.projector if projector_config else None, files)
+    return out
 
-    # Write next to the destination, then swap in, so a failed export never leaves half a folder.
+
+def _read_source(
+    source: str | os.PathLike[str] | ModelCheckpoint | nn.Module,
+    metadata: Mapping[str, Any] | None,
+) -> ModelCheckpoint:
+    if isinstance(source, ModelCheckpoint):
+        return source
+    if isinstance(source, nn.Module):
+        return _checkpoint_from_model(source, metadata)
+    return load_model_checkpoint(source)
+
+
+def _write_folder(
+    out: Path,
+    backbone: Mapping[str, torch.Tensor],
+    projector: Mapping[str, torch.Tensor] | None,
+    files: Mapping[str, Any],
+) -> None:
+    """Write the weights and ``files`` (name -> JSON object or text) as the folder ``out``.
+
+    They are written next to the destination, then swapped in, so a failed export never leaves
+    half a folder."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _save_safetensors(backbone_state, tmp / WEIGHTS_FILE)
-        config = {
-            "architecture": timm_arch,
-            "num_classes": 0,
-            "num_features": backbone.num_features,
-            "global_pool": "avg",
-            "pretrained_cfg": pretrained_cfg,
-        }
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        if projector_config is not None:
-            _save_safetensors(ckpt.projector, tmp / PROJECTOR_FILE)
-        ssole = {
-            "format": HUB_FOLDER_FORMAT,
-            "architecture": ckpt.arch,
-            "timm_architecture": timm_arch,
-            "num_features": backbone.num_features,
-            "projector_config": projector_config,
-            "metadata": meta,
-            "eval_results": results,
-            "code_version": _code_version(),
-        }
-        (tmp / SSOLE_FILE).write_text(json.dumps(ssole, indent=2, default=str) + "\n")
-        dataset = meta.get("dataset")
-        if datasets is None and isinstance(dataset, str) and not os.path.isabs(dataset):
-            datasets = [dataset]
-        card = render_model_card(
-            repo_id=repo_id or f"{HUB_ORG}/{out.name}",
-            architecture=ckpt.arch,
-            timm_architecture=timm_arch,
-            num_features=backbone.num_features,
-            projector_config=projector_config,
-            metadata=meta,
-            eval_results=results,
-            license=license,
-            datasets=datasets,
-            tags=tags,
-            hub_tag=pretrained_cfg.get("tag"),
-        )
-        (tmp / MODEL_CARD_FILE).write_text(card)
+        _save_safetensors(backbone, tmp / WEIGHTS_FILE)
+        if projector is not None:
+            _save_safetensors(projector, tmp / PROJECTOR_FILE)
+        for name, content in files.items():
+            if not isinstance(content, str):
+                content = json.dumps(content, indent=2, default=str) + "\n"
+            (tmp / name).write_text(content)
         give_umask_mode(tmp)  # mkdtemp made it 0700; others must be able to read an export
         if out.exists():
             shutil.rmtree(out)
@@ -272,7 +271,6 @@ def export_hub_folder(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def _check_onnx_files(path: Path, backbone: nn.Module, projector_config: Any) -> list[str]:
@@ -326,42 +324,4 @@ def validate_hub_folder(folder: str | os.PathLike[str]) -> HubFolder:
         metadata=dict(ssole.get("metadata") or {}),
         eval_results=dict(ssole.get("eval_results") or {}),
         onnx_files=_check_onnx_files(path, backbone, projector_config),
-    )
-
-
-# --- publishing -----------------------------------------------------------------------------
-
-
-def push_to_hub(
-    folder: str | os.PathLike[str],
-    repo_id: str,
-    *,
-    revision: str | None = None,
-    private: bool = False,
-    commit_message: str | None = None,
-    token: str | None = None,
-) -> CommitInfo:
-    """Publish a hub folder to the Hugging Face Hub; returns the commit (a ``str``: its URL).
-
-    The folder is validated first and refused if invalid. The repo is created if needed
-    (``exist_ok``), the branch ``revision`` too, then the folder's files are uploaded in one
-    commit. The token comes from ``token``, else ``HF_TOKEN`` or the ``hf auth login`` cache.
-
-    Raises:
-        ValueError: for a malformed repo id; HubFolderError / FileNotFoundError for an invalid
-            folder; huggingface_hub errors for refused requests (authentication, permissions).
-    """
-    check_repo_id(repo_id)
-    info = validate_hub_folder(folder)
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    if revision:
-        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-    return api.upload_folder(
-        repo_id=repo_id,
-        folder_path=info.path,
-        revision=revision,
-        repo_type="model",
-        allow_patterns=[*HUB_FILES, *ONNX_FILES.values()],
-        commit_message=commit_message or f"Upload SSOLE {info.architecture} hub folder",
     )

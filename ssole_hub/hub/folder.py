@@ -7,38 +7,34 @@ A hub folder holds one checkpoint in a form plain timm loads (see the architectu
   ``num_classes`` 0, ``num_features``, ``pretrained_cfg`` (input size, crop, interpolation, mean, std);
 - ``projector.safetensors`` and ``ssole.json``: the SSOLE projector and the training metadata,
   evaluation results and code version;
-- ``README.md``: the model card.
+- ``README.md``: the model card (:mod:`ssole_hub.hub.model_card`);
+- optionally ``onnx/model.onnx`` and ``onnx/model_int8.onnx`` (:mod:`ssole_hub.onnx_export`).
 
-Files are reached through a *fetch* function (file name -> local path), so a folder on disk and a
-Hub repo (through ``hf_hub_download`` and the HF cache) are read by the same code. Weights are
-only ever read from safetensors files.
+The readers take a *fetch* function (:mod:`ssole_hub.hub.fetch`: file name -> local path), so a
+folder on disk and a Hub repo are read by the same code. Weights are only ever read from
+safetensors files.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import timm
 import torch
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-)
-from huggingface_hub.utils import validate_repo_id
 from timm.models import is_model
 from torch import nn
 
+from ssole_hub.hub.fetch import Fetch
 from ssole_hub.models import SSOLEProjector
 
 __all__ = [
+    "CHECKPOINT_SUFFIXES",
     "CONFIG_FILE",
+    "EXPORTED_CFG_KEYS",
     "HUB_FILES",
     "HUB_FOLDER_FORMAT",
     "MODEL_CARD_FILE",
@@ -46,6 +42,14 @@ __all__ = [
     "SSOLE_FILE",
     "WEIGHTS_FILE",
     "HubFolderError",
+    "build_projector",
+    "drop_classifier",
+    "has_projector",
+    "load_checked",
+    "read_backbone",
+    "read_json",
+    "read_projector",
+    "read_safetensors",
 ]
 
 HUB_FOLDER_FORMAT = "ssole-hub/hub-folder/1"
@@ -147,44 +151,6 @@ def build_projector(
     return projector
 
 
-Fetch = Callable[[str], Path]
-"""Maps a hub folder file name to a local path (a folder file or a HF cache file)."""
-
-
-def local_fetch(folder: Path) -> Fetch:
-    """A fetch for a folder on disk; a missing file raises ``FileNotFoundError``."""
-
-    def fetch(name: str) -> Path:
-        path = folder / name
-        if not path.is_file():
-            raise FileNotFoundError(f"hub folder {folder} has no {name}")
-        return path
-
-    return fetch
-
-
-def hub_fetch(repo_id: str, revision: str | None) -> Fetch:
-    """A fetch for a Hub repo; missing repos, files and cache misses raise ``FileNotFoundError``."""
-
-    # hf_hub_download goes through the HF cache, so HF_HUB_OFFLINE=1 and pre-filled caches work.
-    def fetch(name: str) -> Path:
-        try:
-            return Path(hf_hub_download(repo_id, name, revision=revision))
-        except LocalEntryNotFoundError as exc:
-            raise FileNotFoundError(
-                f"{name} of Hub repo {repo_id!r} is not in the local HF cache and the Hub cannot be"
-                " reached (HF_HUB_OFFLINE=1 or no network)"
-            ) from exc
-        except RepositoryNotFoundError as exc:
-            raise FileNotFoundError(
-                f"Hub repo {repo_id!r} not found (or private without a valid token)"
-            ) from exc
-        except EntryNotFoundError as exc:
-            raise FileNotFoundError(f"Hub repo {repo_id!r} has no {name}") from exc
-
-    return fetch
-
-
 def read_backbone(fetch: Fetch, timm_name: str, pretrained: bool) -> nn.Module:
     """Build the backbone named by ``config.json`` (checked first) and load its weights."""
     config = read_json(fetch(CONFIG_FILE), CONFIG_FILE)
@@ -226,13 +192,3 @@ def has_projector(fetch: Fetch) -> bool:
     except FileNotFoundError:
         return False
     return bool(ssole.get("projector_config"))
-
-
-def check_repo_id(repo_id: str) -> None:
-    """Raise ``ValueError`` unless ``repo_id`` is a well-formed ``ORG/NAME``."""
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as exc:
-        raise ValueError(f"invalid Hub repo id {repo_id!r}: {exc}") from exc
-    if repo_id.count("/") != 1:
-        raise ValueError(f"invalid Hub repo id {repo_id!r}: expected ORG/NAME")

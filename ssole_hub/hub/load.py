@@ -14,20 +14,17 @@ import timm
 from timm.models import get_pretrained_cfg, is_model, split_model_name_tag
 from torch import nn
 
-from ssole_hub.checkpoint import load_model_checkpoint
-from ssole_hub.hub_format import (
+from ssole_hub.hub.checkpoint import load_model_checkpoint
+from ssole_hub.hub.fetch import Fetch, check_repo_id, hub_fetch, local_fetch
+from ssole_hub.hub.folder import (
     CHECKPOINT_SUFFIXES,
     EXPORTED_CFG_KEYS,
     WEIGHTS_FILE,
-    Fetch,
     HubFolderError,
     build_projector,
-    check_repo_id,
     drop_classifier,
     has_projector,
-    hub_fetch,
     load_checked,
-    local_fetch,
     read_backbone,
     read_projector,
     read_safetensors,
@@ -72,7 +69,9 @@ def load_model(
 
     Raises:
         ValueError: for an unknown name or tag, or a malformed Hub repo id.
-        FileNotFoundError: for a missing folder, file, checkpoint or Hub repo.
+        FileNotFoundError: for a missing folder, file, checkpoint or Hub repo;
+            :class:`~ssole_hub.hub.fetch.HubUnavailableError` (a ``FileNotFoundError``), at once,
+            when Hub weights are not cached and cannot be downloaded, naming the ways out.
         HubFolderError: for unreadable or truncated files, unknown architectures or shape mismatches.
     """
     name = os.fspath(model)
