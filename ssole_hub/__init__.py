@@ -3,6 +3,7 @@
 ``import ssole_hub`` registers ``ssole_resnet18`` and ``ssole_resnet50`` with timm.
 """
 
+from ssole_hub.convert import ConversionError, convert_checkpoint
 from ssole_hub.extractor import FeatureExtractor
 from ssole_hub.hub import (
     HubFolder,
@@ -34,6 +35,7 @@ from ssole_hub.preprocessing import Preprocessing, resolve_preprocessing
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConversionError",
     "CorruptImageError",
     "FeatureExtractor",
     "HubFolder",
@@ -48,6 +50,7 @@ __all__ = [
     "SSOLEProjector",
     "UnsupportedImageError",
     "__version__",
+    "convert_checkpoint",
     "decode_image",
     "export_hub_folder",
     "export_onnx",
