@@ -5,6 +5,7 @@
 (``hubconf.py``) are pretrained, eval-mode feature extractors.
 """
 
+from ssole_hub.convert import ConversionError, convert_checkpoint
 from ssole_hub.extractor import FeatureExtractor
 from ssole_hub.hub.export import HubFolder, export_hub_folder, validate_hub_folder
 from ssole_hub.hub.fetch import HubUnavailableError
@@ -25,6 +26,7 @@ from ssole_hub.preprocessing import Preprocessing, resolve_preprocessing
 from ssole_hub.version import __version__
 
 __all__ = [
+    "ConversionError",
     "CorruptImageError",
     "FeatureExtractor",
     "HubFolder",
@@ -40,6 +42,7 @@ __all__ = [
     "SSOLEProjector",
     "UnsupportedImageError",
     "__version__",
+    "convert_checkpoint",
     "decode_image",
     "export_hub_folder",
     "export_onnx",

@@ -17,7 +17,7 @@ from ssole_hub.onnx_backend import BACKENDS
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ssole-hub",
-        description="Export, validate and publish SSOLE hub folders, and embed whole datasets "
+        description="Export, convert, validate and publish SSOLE hub folders, and embed whole datasets "
         "(also python -m ssole_hub).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +49,32 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--repo", default=None, help="Hub repo id the card's examples name, ORG/NAME")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert an official SSOLE (Lightning) or torchvision ResNet checkpoint to a hub folder",
+    )
+    p.add_argument(
+        "checkpoint", help="the checkpoint file, read with torch.load(weights_only=True)"
+    )
+    p.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        choices=("ssole-official", "torchvision"),
+        help="ssole-official: a Lightning checkpoint of the official SSOLE code (backbone and "
+        "projector); torchvision: a torchvision ResNet state dict (its classifier is dropped)",
+    )
+    p.add_argument("--arch", required=True, choices=("resnet18", "resnet50"))
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--projector-bn",
+        action="store_true",
+        help="the official projector has BatchNorm layers (its config's mlp_bn: true)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.add_argument("--repo", default=None, help="Hub repo id the card's examples name, ORG/NAME")
+    p.set_defaults(func=_convert)
 
     p = sub.add_parser("validate", help="check that a hub folder is complete and loads in timm")
     p.add_argument("folder")
@@ -188,6 +214,29 @@ def _print_onnx(record: dict) -> None:
             f"{cosines} (limit {figures['limit']}); neighbour agreement {shares or 'n/a'} "
             f"(limit {figures['neighbour_agreement_limit']}); {verdict}"
         )
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from ssole_hub.convert import convert_checkpoint
+    from ssole_hub.hub import validate_hub_folder
+
+    out = convert_checkpoint(
+        args.checkpoint,
+        args.out,
+        source=args.source,
+        arch=args.arch,
+        projector_bn=args.projector_bn,
+        overwrite=args.overwrite,
+        repo_id=args.repo,
+    )
+    info = validate_hub_folder(out)
+    dropped = info.metadata.get("converted_from", {}).get("dropped_keys")
+    if dropped:
+        print(
+            f"dropped {', '.join(dropped)}: the torchvision classifier (a hub folder holds features)"
+        )
+    print(info)
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:

@@ -44,7 +44,9 @@ def test_evaluate_help_shows_defaults(capsys):
     assert "(default: None)" not in text and "(default: False)" not in text
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["export", "--help"], ["extract", "--help"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["export", "--help"], ["convert", "--help"], ["extract", "--help"]]
+)
 def test_ssole_hub_help_has_no_restructuredtext_markup(argv, capsys):
     _help(ssole_hub_main, argv)
     text = capsys.readouterr().out
