@@ -5,8 +5,8 @@
 (``hubconf.py``) are pretrained, eval-mode feature extractors.
 """
 
-from ssole_hub.convert import ConversionError, convert_checkpoint
 from ssole_hub.extractor import FeatureExtractor
+from ssole_hub.hub.convert import ConversionError, convert_checkpoint
 from ssole_hub.hub.export import HubFolder, export_hub_folder, validate_hub_folder
 from ssole_hub.hub.fetch import HubUnavailableError
 from ssole_hub.hub.folder import HubFolderError

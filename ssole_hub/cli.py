@@ -217,8 +217,8 @@ def _print_onnx(record: dict) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from ssole_hub.convert import convert_checkpoint
-    from ssole_hub.hub import validate_hub_folder
+    from ssole_hub.hub.convert import convert_checkpoint
+    from ssole_hub.hub.export import validate_hub_folder
 
     out = convert_checkpoint(
         args.checkpoint,

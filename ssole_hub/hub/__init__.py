@@ -11,6 +11,8 @@
 - :mod:`ssole_hub.hub.model_card` and :mod:`ssole_hub.hub.model_stats`: the card an export
   writes, and the figures (parameters, MACs, activations) it measures for it;
 - :mod:`ssole_hub.hub.checkpoint`: the training-checkpoint format that export reads;
+- :mod:`ssole_hub.hub.convert`: :func:`~ssole_hub.hub.convert.convert_checkpoint`, official SSOLE
+  and torchvision checkpoints into hub folders;
 - :mod:`ssole_hub.hub.torch_hub`: the ``torch.hub`` entry points ``hubconf.py`` re-exports.
 
 The public names are exported once, from :mod:`ssole_hub`.

@@ -24,7 +24,7 @@ from torch import nn
 
 import ssole_hub
 from ssole_hub.cli import main as cli_main
-from ssole_hub.convert import ConversionError, convert_checkpoint, load_external_checkpoint
+from ssole_hub.hub.convert import ConversionError, convert_checkpoint, load_external_checkpoint
 from ssole_hub.models import RECIPE_MEAN, RECIPE_STD
 
 HIDDEN, DIM = 64, 32  # the official recipe uses 4096 and 4096; the layout is what matters here

@@ -30,8 +30,8 @@ import timm
 import torch
 from timm.models import get_pretrained_cfg
 
-from ssole_hub.checkpoint import ModelCheckpoint
-from ssole_hub.hub import export_hub_folder
+from ssole_hub.hub.checkpoint import ModelCheckpoint
+from ssole_hub.hub.export import export_hub_folder
 from ssole_hub.models import SSOLEProjector
 
 __all__ = [
@@ -249,7 +249,7 @@ def load_external_checkpoint(
     projector_bn: bool = False,
 ) -> ModelCheckpoint:
     """Read an official SSOLE (Lightning) or torchvision ResNet checkpoint as this project's
-    :class:`~ssole_hub.checkpoint.ModelCheckpoint`, ready for :func:`export_hub_folder`.
+    :class:`~ssole_hub.hub.checkpoint.ModelCheckpoint`, ready for :func:`export_hub_folder`.
 
     Args:
         checkpoint: the file; read with ``torch.load(..., weights_only=True)``.
