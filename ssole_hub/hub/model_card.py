@@ -210,6 +210,21 @@ EVALUATION_PROTOCOL = (
 )
 
 
+def _origin(ssole: Mapping[str, Any]) -> str:
+    """What the weights are: SSOLE pre-training, or a converted torchvision checkpoint."""
+    arch = ssole["timm_architecture"]
+    source = ((ssole.get("metadata") or {}).get("converted_from") or {}).get("source")
+    if source == "torchvision":
+        return (
+            f"A {arch} backbone converted from a torchvision checkpoint with `ssole-hub convert`;"
+            " how it was trained is not recorded here."
+        )
+    return (
+        f"A {arch} backbone pre-trained without labels with **SSOLE** (Self-Supervised"
+        " Orthogonal Low-rank Embedding, ICLR 2025)."
+    )
+
+
 def render_model_card(
     ssole: Mapping[str, Any],
     *,
@@ -257,8 +272,7 @@ def render_model_card(
 
 # {repo_id.split("/")[-1]}
 
-A {ssole["timm_architecture"]} backbone pre-trained without labels with **SSOLE** (Self-Supervised
-Orthogonal Low-rank Embedding, ICLR 2025). It outputs {ssole["num_features"]}-d pooled features.
+{_origin(ssole)} It outputs {ssole["num_features"]}-d pooled features.
 
 The weights in `model.safetensors` use timm's key names and `config.json` follows timm's schema,
 so plain timm loads this repo without any other package. Preprocessing (input size, crop,

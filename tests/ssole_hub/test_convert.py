@@ -277,6 +277,9 @@ def test_torchvision_state_dict_converts_without_its_classifier(
     assert info.metadata["converted_from"]["dropped_keys"] == ["fc.bias", "fc.weight"]
     weights = safetensors.torch.load_file(folder / "model.safetensors")
     assert not any(k.startswith("fc.") for k in weights)
+    card = (folder / "README.md").read_text()
+    assert "converted from a torchvision checkpoint" in card and "with **SSOLE**" not in card
+    assert "with **SSOLE**" in (converted["official_bn0"] / "README.md").read_text()
     # the command line writes the same folder and says what it dropped
     argv = ["convert", str(sources["torchvision"]), "--from", "torchvision", "--arch", "resnet18"]
     assert cli_main([*argv, "--out", str(tmp_path / "cli")]) == 0

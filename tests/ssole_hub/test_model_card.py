@@ -137,12 +137,15 @@ def test_the_onnx_section_lists_any_backend_of_the_record_within_usage(folder_fi
             "tensorrt": {"file": "trt/model.plan"},
         },
     }
-    card = with_onnx_section(with_onnx_section(folder_files["card"], record), record)
-    assert card.count("### ONNX Runtime") == 1
+    old = folder_files["card"].replace(
+        "## Evaluation", "## ONNX Runtime\n\nold figures\n\n## Evaluation"
+    )
+    card = with_onnx_section(with_onnx_section(old, record), record)
+    assert card.count("### ONNX backends") == 1 and "ONNX Runtime" not in card
     usage = _sections(card)["Usage"]
-    assert "| onnx | `onnx/model.onnx` | backbone | 0.999990 | 0.9999 |" in usage
-    assert "| openvino | `openvino/model.xml` | projector | 0.998765 | - |" in usage
-    assert "| tensorrt | `trt/model.plan` | - | - | - |" in usage
+    assert "| onnx | `onnx/model.onnx` | - | backbone | 0.999990 (0.9999) | n/a | - |" in usage
+    assert "| openvino | `openvino/model.xml` | - | projector | 0.998765 (-) | n/a | - |" in usage
+    assert "| tensorrt | `trt/model.plan` | - | - | - (-) | n/a | - |" in usage
     assert "--backend onnx  # or openvino, tensorrt, torch, auto" in usage
     assert "6 real photos (scikit-image photos)" in usage
     assert list(_sections(card)) == ["Model Details", "Usage", "Evaluation", "Citation"]
