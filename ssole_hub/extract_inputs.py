@@ -79,8 +79,8 @@ class Record(NamedTuple):
 
 
 def error_entry(record_id: str, exc: BaseException) -> dict[str, str]:
-    """The errors-file line of a record that could not be embedded (``path`` holds its id)."""
-    return {"path": record_id, "error": type(exc).__name__, "message": str(exc)}
+    """The errors-file line of a record that could not be embedded."""
+    return {"id": record_id, "error": type(exc).__name__, "message": str(exc)}
 
 
 def image_bytes(value: Any) -> bytes | None:

@@ -3,7 +3,7 @@
 Output shard ``k`` (the records of input shard ``k``, in order) is written atomically:
 
 - ``embeddings-00000.npy`` / ``.safetensors`` (tensor ``"embeddings"``): ``(n, dim)`` float32,
-  with ``paths-00000.txt``: the n record ids (file paths, ``<tar>/<key>`` or parquet ids), one
+  with ``ids-00000.txt``: the n record ids (file paths, ``<tar>/<key>`` or parquet ids), one
   per line, in row order;
 - or ``embeddings-00000.parquet``: columns ``id`` (string) and ``embedding`` (fixed-size list of
   float32), the ids inside;
@@ -36,7 +36,7 @@ __all__ = [
     "write_shard",
 ]
 
-MANIFEST_FORMAT = "ssole-hub/embeddings/1"
+MANIFEST_FORMAT = "ssole-hub/embeddings/2"
 MANIFEST_FILE = "manifest.json"
 ERRORS_FILE = "errors.jsonl"
 FileFormat = Literal["npy", "safetensors", "parquet"]
@@ -44,10 +44,10 @@ FILE_FORMATS: tuple[str, ...] = ("npy", "safetensors", "parquet")
 
 
 def shard_files(k: int, file_format: FileFormat) -> dict[str, str | None]:
-    """The file names of output shard ``k`` (``paths`` is ``None`` for parquet: ids are inside)."""
+    """The file names of output shard ``k`` (``ids`` is ``None`` for parquet: ids are inside)."""
     return {
         "embeddings": f"embeddings-{k:05d}.{file_format}",
-        "paths": None if file_format == "parquet" else f"paths-{k:05d}.txt",
+        "ids": None if file_format == "parquet" else f"ids-{k:05d}.txt",
         "errors": f"errors-{k:05d}.jsonl",
         "marker": f"shard-{k:05d}.json",
     }
@@ -100,15 +100,15 @@ def write_shard(
         raise ValueError(f"shard {k}: {emb.shape[0]} embeddings for {len(ids)} ids")
     names = shard_files(k, file_format)
     write_atomic(out / names["embeddings"], _encode(emb, ids, file_format))
-    if names["paths"] is not None:
-        write_atomic(out / names["paths"], "".join(f"{i}\n" for i in ids).encode())
+    if names["ids"] is not None:
+        write_atomic(out / names["ids"], "".join(f"{i}\n" for i in ids).encode())
     write_atomic(out / names["errors"], "".join(json.dumps(e) + "\n" for e in errors).encode())
     marker = {
         "shard": k,
         "count": len(ids),
         "num_errors": len(errors),
         "fingerprint": fingerprint,
-        **{key: names[key] for key in ("embeddings", "paths", "errors")},
+        **{key: names[key] for key in ("embeddings", "ids", "errors")},
     }
     write_atomic(out / names["marker"], json.dumps(marker, indent=1).encode())
 
@@ -160,7 +160,7 @@ def write_manifest(
         if marker is None:
             raise RuntimeError(f"shard {k} of {out} is not finished; was a worker stopped early?")
         shards.append(
-            {key: marker[key] for key in ("embeddings", "paths", "errors", "count", "num_errors")}
+            {key: marker[key] for key in ("embeddings", "ids", "errors", "count", "num_errors")}
         )
         errors.append((out / marker["errors"]).read_text())
     write_atomic(out / ERRORS_FILE, "".join(errors).encode())
@@ -196,7 +196,7 @@ def _read_shard(out: Path, shard: dict[str, Any], file_format: str) -> tuple[np.
         emb = load_file(file)["embeddings"]
     else:
         emb = np.load(file)
-    return emb, (out / shard["paths"]).read_text().splitlines()
+    return emb, (out / shard["ids"]).read_text().splitlines()
 
 
 def read_embeddings(out_dir: str | os.PathLike) -> tuple[np.ndarray, list[str]]:

@@ -20,9 +20,13 @@ file is opened, so ``import ssole_hub`` works without it (install the ``[onnx]``
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import importlib.util
 import logging
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -161,10 +165,43 @@ def open_session(path: Path, what: str, threads: int | None = None, precision: s
         "PERFORMANCE_HINT": "LATENCY",
     }
     try:
-        return ov.Core().compile_model(str(path), "CPU", config)
+        with _own_signal_stack():
+            return ov.Core().compile_model(str(path), "CPU", config)
     except Exception as exc:  # OpenVINO raises RuntimeError subclasses for unreadable models
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HubFolderError(f"{what}: {path} is not a loadable ONNX model ({reason})") from exc
+
+
+class _SignalStack(ctypes.Structure):
+    """Linux's ``stack_t``."""
+
+    _fields_ = [
+        ("ss_sp", ctypes.c_void_p),
+        ("ss_flags", ctypes.c_int),
+        ("ss_size", ctypes.c_size_t),
+    ]
+
+
+@contextlib.contextmanager
+def _own_signal_stack() -> Iterator[None]:
+    """Keep the calling thread's alternate signal stack as it was.
+
+    OpenVINO's CPU plugin (2026.4) gives the thread that compiles a model an alternate signal
+    stack and can free that memory later. The next signal the thread takes (a child process
+    exiting is enough) is then written to freed memory and the process dies with SIGSEGV, which
+    happened in training after ``validate_hub_folder``. Restoring the thread's own setting
+    afterwards leaves OpenVINO's handlers on the ordinary stack (Linux only; a no-op elsewhere).
+    """
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    before = _SignalStack()
+    libc.sigaltstack(None, ctypes.byref(before))
+    try:
+        yield
+    finally:
+        libc.sigaltstack(ctypes.byref(before), None)
 
 
 def session_precision(session: Any) -> str:

@@ -180,7 +180,7 @@ class _ShardRows:
     def add(self, record_id: str, row: np.ndarray, error: str, message: str) -> None:
         self.seen.append(record_id)
         if error:
-            self.errors.append({"path": record_id, "error": error, "message": message})
+            self.errors.append({"id": record_id, "error": error, "message": message})
         else:
             self.ids.append(record_id)
             self.rows.append(row)
@@ -196,7 +196,7 @@ class _ShardRows:
                 unseen[record_id] += 1
         for record_id, times in unseen.items():
             message = f"{record_id} does not exist or cannot be read"
-            entry = {"path": record_id, "error": "FileNotFoundError", "message": message}
+            entry = {"id": record_id, "error": "FileNotFoundError", "message": message}
             self.errors += [entry] * times
 
 

@@ -69,8 +69,8 @@ def test_corrupt_files_are_skipped_listed_and_counted(clean_run, image_dir, hub_
     assert manifest["num_embedded"] == 12
     assert manifest["num_errors"] == 3
     errors = [json.loads(line) for line in (clean_run / "errors.jsonl").read_text().splitlines()]
-    assert {e["path"]: e["error"] for e in errors} == BAD
-    assert all(e["path"] in e["message"] for e in errors)
+    assert {e["id"]: e["error"] for e in errors} == BAD
+    assert all(e["id"] in e["message"] for e in errors)
 
     emb, paths = read_embeddings(clean_run)
     assert paths == good
@@ -189,4 +189,4 @@ def test_two_rank_torchrun_equals_one_process(clean_run, hub_folder, image_dir, 
     np.testing.assert_allclose(emb, clean_emb, atol=1e-5)
     # Every line of the merged errors file came from exactly one rank's shard.
     errors = (out / "errors.jsonl").read_text().splitlines()
-    assert sorted(json.loads(e)["path"] for e in errors) == sorted(BAD)
+    assert sorted(json.loads(e)["id"] for e in errors) == sorted(BAD)

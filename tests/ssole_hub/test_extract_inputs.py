@@ -17,7 +17,7 @@ from ssole_hub.extract_inputs import expand_braces
 
 def _errors(out) -> dict[str, str]:
     lines = (out / "errors.jsonl").read_text().splitlines()
-    return {e["path"]: e["error"] for e in map(json.loads, lines)}
+    return {e["id"]: e["error"] for e in map(json.loads, lines)}
 
 
 def test_brace_patterns_expand_to_padded_ranges_and_choices():

@@ -48,7 +48,7 @@ def _inputs(name, image_folder, webdataset_tars, parquet_files):
 
 def _errors(out: Path) -> dict[str, str]:
     lines = (out / "errors.jsonl").read_text().splitlines()
-    return {e["path"]: e["error"] for e in map(json.loads, lines)}
+    return {e["id"]: e["error"] for e in map(json.loads, lines)}
 
 
 @pytest.mark.parametrize(

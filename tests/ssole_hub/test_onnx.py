@@ -301,3 +301,35 @@ def test_without_onnx_packages_import_works_and_auto_uses_torch(onnx_folder):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["torch", "None"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's stack_t")
+def test_opening_a_file_leaves_the_threads_signal_stack_as_it_was(onnx_folder):
+    """OpenVINO's CPU plugin gives the compiling thread an alternate signal stack that it may
+    free later; the thread's next signal then killed the process (a SIGSEGV in training after
+    ``validate_hub_folder``). Checked in fresh threads, where OpenVINO has installed none yet."""
+    import ctypes
+    import threading
+
+    from ssole_hub.onnx_backend import _SignalStack
+
+    libc = ctypes.CDLL(None)
+
+    def signal_stack() -> tuple:
+        stack = _SignalStack()
+        libc.sigaltstack(None, ctypes.byref(stack))
+        return stack.ss_sp, stack.ss_flags, stack.ss_size
+
+    seen = []
+
+    def open_both() -> None:
+        before = signal_stack()
+        FeatureExtractor.from_pretrained(onnx_folder, backend="onnx", device="cpu")
+        validate_hub_folder(onnx_folder)
+        seen.append((before, signal_stack()))
+
+    for _ in range(2):
+        thread = threading.Thread(target=open_both)
+        thread.start()
+        thread.join()
+    assert len(seen) == 2 and all(before == after for before, after in seen)
