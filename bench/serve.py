@@ -19,6 +19,7 @@ with its own defaults for batching unless ``--batch-size`` / ``--max-wait-ms`` a
 load average before and after, and the CPU model and flags, go into the JSON.
 
     python bench/serve.py                       # random-weight ssole_resnet18 at 224 px, CPU
+    python bench/serve.py --backend onnx-int8   # and the same server on torch, in the same rounds
     python bench/serve.py --device cuda --batch-size 64 --requests 2048
 """
 
@@ -65,8 +66,8 @@ def photo_jpegs() -> list[bytes]:
     return out
 
 
-def random_model_folder(out: Path, input_px: int) -> str:
-    """A real hub folder of ssole_resnet18 with random weights (speed does not need training)."""
+def random_model_folder(out: Path, input_px: int, arch: str = "ssole_resnet18") -> str:
+    """A real hub folder of ``arch`` with random weights (speed does not need training)."""
     import timm
     import torch
 
@@ -75,10 +76,10 @@ def random_model_folder(out: Path, input_px: int) -> str:
     from ssole_hub.models import SSOLEProjector
 
     torch.manual_seed(0)
-    backbone = timm.create_model("ssole_resnet18", pretrained=False, num_classes=0)
-    projector = SSOLEProjector(512, hidden_dim=512, out_dim=128, depth=2)
+    backbone = timm.create_model(arch, pretrained=False, num_classes=0)
+    projector = SSOLEProjector(backbone.num_features, hidden_dim=512, out_dim=128, depth=2)
     ckpt = ModelCheckpoint(
-        arch="ssole_resnet18",
+        arch=arch,
         backbone=backbone.state_dict(),
         projector=projector.state_dict(),
         projector_config=projector.config,
@@ -328,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model spec (default: random ssole_resnet18)")
     p.add_argument("--input-px", type=int, default=224, help="input size of the default model")
+    p.add_argument(
+        "--arch",
+        default="ssole_resnet18",
+        choices=["ssole_resnet18", "ssole_resnet50"],
+        help="architecture of the default (random-weight) model",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=None, help="server max batch size")
     p.add_argument("--max-wait-ms", type=float, default=None, help="server max batch wait")
@@ -377,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         for j in jpegs
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or random_model_folder(Path(tmp), args.input_px)
+        model = args.model or random_model_folder(Path(tmp), args.input_px, args.arch)
         if args.backend != "torch" and args.model is None:
             export_onnx_files(model, jpegs, Path(tmp))
         images = [jpegs[i % len(jpegs)] for i in range(args.batch_size * 4)]
