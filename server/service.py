@@ -125,13 +125,16 @@ class EmbeddingService:
                 await asyncio.to_thread(
                     self._in_inference_threads, backend.warmup, s.max_batch_size, threads
                 )
+            # On OpenVINO (its thread count is fixed at load) torch only stacks the batch here;
+            # one torch thread keeps torch's idle pool from spinning against OpenVINO's.
+            torch_threads = threads if backend.backend_name == "torch" else 1
             batcher = DynamicBatcher(
                 backend.infer,
                 max_batch_size=s.max_batch_size,
                 max_wait_s=s.max_batch_wait_ms / 1000,
                 max_queue=s.max_queue,
                 metrics=self.metrics,
-                thread_init=lambda: use_intra_op_threads(threads),
+                thread_init=lambda: use_intra_op_threads(torch_threads),
             )
             await batcher.start()
         except Exception as exc:

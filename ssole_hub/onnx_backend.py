@@ -25,6 +25,7 @@ import ctypes
 import importlib.util
 import logging
 import os
+import queue
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -217,7 +218,8 @@ class OnnxModel:
     :class:`~ssole_hub.models.SSOLEModel`: ``model(images, output)`` -> ``(n, dims[output])``.
 
     Build it with :meth:`from_folder`. Outputs are raw (normalisation stays the extractor's).
-    Each call makes its own inference request, so calls from several threads are safe.
+    Each call takes an inference request of its own from a pool (made on first need, then
+    reused), so calls from several threads are safe.
 
     Attributes:
         backend: ``"onnx"``, ``"onnx-bf16"`` or ``"onnx-int8"``.
@@ -236,6 +238,7 @@ class OnnxModel:
         self.path = path
         self.output_dims: dict[Output, int] = check_session(session, path, pretrained_cfg)
         self.precision = session_precision(session)
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
     @classmethod
     def from_folder(cls, model: str | os.PathLike, backend: Backend) -> OnnxModel:
@@ -280,9 +283,15 @@ class OnnxModel:
                 f"output {output!r} is not in {self.path}; it has {list(self.output_dims)}"
             )
         x = np.ascontiguousarray(images.detach().cpu().float().numpy())
-        request = self.session.create_infer_request()
-        request.infer({INPUT_NAME: x})
-        return torch.from_numpy(request.get_tensor(output).data.copy())
+        try:
+            request = self._requests.get_nowait()
+        except queue.Empty:
+            request = self.session.create_infer_request()
+        try:
+            request.infer({INPUT_NAME: x})
+            return torch.from_numpy(request.get_tensor(output).data.copy())
+        finally:
+            self._requests.put(request)
 
 
 def check_session(session: Any, path: Path, pretrained_cfg: dict[str, Any]) -> dict[Output, int]:
