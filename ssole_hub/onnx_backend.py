@@ -3,9 +3,9 @@
 A hub folder may carry ``onnx/model.onnx`` (float32) and ``onnx/model_int8.onnx`` (static int8),
 written by :func:`ssole_hub.onnx_export.export_onnx`. Each has one input ``images``
 ``(batch, 3, H, W)`` and the outputs ``backbone`` and, when the folder has a projector,
-``projector``. OpenVINO runs them on the CPU: ``bench/backends.py`` measured it faster than ONNX
-Runtime on every model and batch size it times (BENCHMARKS.md), so ONNX Runtime is used only to
-quantize at export. Three backends run the two files:
+``projector``. OpenVINO runs them on the CPU: in float32 it is level with ONNX Runtime, and it
+alone has a bfloat16 path and an int8 faster than its float32 (``bench/backends.py``,
+BENCHMARKS.md), so ONNX Runtime is used only to quantize at export. Three backends run the two files:
 
 - ``onnx``: ``model.onnx`` at float32 precision;
 - ``onnx-bf16``: ``model.onnx`` at bfloat16 inference precision (OpenVINO keeps float32 on CPUs
