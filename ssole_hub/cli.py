@@ -21,8 +21,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "(also python -m ssole_hub).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_export(sub)
+    _add_convert(sub)
+    _add_validate_and_push(sub)
+    _add_engine_options(_add_extract(sub))
+    return parser
 
-    # --- export / validate / push (ssole_hub.hub) ---------------------------------------------
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
         help="export a training checkpoint as a timm-compatible hub folder (--onnx: add ONNX files)",
@@ -50,6 +56,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", default=None, help="Hub repo id the card's examples name, ORG/NAME")
     p.set_defaults(func=_export)
 
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert",
         help="convert an official SSOLE (Lightning) or torchvision ResNet checkpoint to a hub folder",
@@ -76,6 +84,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo", default=None, help="Hub repo id the card's examples name, ORG/NAME")
     p.set_defaults(func=_convert)
 
+
+def _add_validate_and_push(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="check that a hub folder is complete and loads in timm")
     p.add_argument("folder")
     p.set_defaults(func=_validate)
@@ -88,7 +98,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--message", default=None, help="commit message")
     p.set_defaults(func=_push)
 
-    # --- extract (ssole_hub.extract) ------------------------------------------------------------
+
+def _add_extract(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "extract",
         help="embed images, webdataset tars or parquet files into sharded files (resumable; "
@@ -140,6 +151,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="decode large JPEGs at a reduced scale (faster; embeddings differ slightly)",
     )
     p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_extract)
+    return p
+
+
+def _add_engine_options(p: argparse.ArgumentParser) -> None:
+    """What runs an extraction: the forward pass (``--backend``) and the engine."""
     p.add_argument(
         "--backend",
         default="torch",
@@ -169,8 +186,6 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Ray: embedding actors (default: one per GPU, or 1 without GPUs)",
     )
-    p.set_defaults(func=_extract)
-    return parser
 
 
 def _export(args: argparse.Namespace) -> int:

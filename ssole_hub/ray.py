@@ -279,31 +279,20 @@ def extract_with_ray(
         run_fingerprint = fingerprint(fx, options, source)
         pending = resumable_shards(out, list(range(source.num_shards)), options, run_fingerprint)
         if pending:
-            ds, columns, locate = _read(ray, source, pending)
-            del load["with_projector"]
-            embedder = dict(model=model, image_column=columns, output=options.output)
-            ds = ds.map_batches(
-                Embedder,
-                fn_constructor_kwargs={**embedder, "normalize": options.normalize, **load},
-                batch_size=batch_size,
-                batch_format="numpy",
-                num_gpus=gpus,
-                num_cpus=num_cpus_per_worker or 1,
-                compute=ray.data.ActorPoolStrategy(size=workers),
+            actors = {"num_gpus": gpus, "num_cpus": num_cpus_per_worker or 1, "size": workers}
+            rows, locate = _embedded_rows(
+                ray, source, pending, model, options, load, actors, batch_size, progress
             )
-            ds.context.execution_options.preserve_order = True
-            ds.context.enable_progress_bars = progress
 
-            def write(k: int, rows: _ShardRows) -> None:
+            def write(k: int, shard: _ShardRows) -> None:
                 if isinstance(source, ImageFiles):
-                    rows.missing_files(source.ids(k))
+                    shard.missing_files(source.ids(k))
                 dim = fx.dims[options.output]
-                emb = np.stack(rows.rows) if rows.rows else np.empty((0, dim), np.float32)
+                emb = np.stack(shard.rows) if shard.rows else np.empty((0, dim), np.float32)
                 write_shard(
-                    out, k, rows.ids, emb, rows.errors, options.file_format, run_fingerprint
+                    out, k, shard.ids, emb, shard.errors, options.file_format, run_fingerprint
                 )
 
-            rows = ds.iter_batches(batch_format="numpy", batch_size=None)
             _write_rows(rows, locate, pending, write)
         header = manifest_header(
             fx,
@@ -320,6 +309,37 @@ def extract_with_ray(
     finally:
         if started:
             ray.shutdown()
+
+
+def _embedded_rows(
+    ray: Any,
+    source: InputSource,
+    pending: list[int],
+    model: Any,
+    options: Options,
+    load: dict[str, Any],
+    actors: dict[str, Any],
+    batch_size: int,
+    progress: bool,
+) -> tuple[Iterator[dict[str, np.ndarray]], Locate]:
+    """The pending shards read by Ray Data's reader and embedded by a pool of :class:`Embedder`
+    actors (``actors``: their GPUs, CPUs and number), in input order; and how to find a row's
+    shard and id."""
+    ds, columns, locate = _read(ray, source, pending)
+    kwargs = {k: v for k, v in load.items() if k != "with_projector"}
+    embedder = dict(model=model, image_column=columns, output=options.output)
+    ds = ds.map_batches(
+        Embedder,
+        fn_constructor_kwargs={**embedder, "normalize": options.normalize, **kwargs},
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_gpus=actors["num_gpus"],
+        num_cpus=actors["num_cpus"],
+        compute=ray.data.ActorPoolStrategy(size=actors["size"]),
+    )
+    ds.context.execution_options.preserve_order = True
+    ds.context.enable_progress_bars = progress
+    return ds.iter_batches(batch_format="numpy", batch_size=None), locate
 
 
 def _resources(ray, num_gpus: float | None, concurrency: int | None) -> tuple[float, int]:
