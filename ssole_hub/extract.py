@@ -121,7 +121,7 @@ class _DecodeBatches(Dataset):
                 tensors.append(self.transform(decode_image(record.data, **self.decode_options)))
                 ids.append(record.id)
             except (ImageDecodeError, OSError) as exc:
-                errors.append(error_entry(record.id, exc))
+                errors.append(error_entry(record.id, type(exc).__name__, str(exc)))
         images = torch.stack(tensors) if tensors else torch.empty(0)
         return batch.shard, batch.last, len(batch.records), ids, images, errors
 
@@ -307,6 +307,7 @@ def extract_dataset(
         fast_decode=fast_decode,
         backend=backend,
     )
+    run = (model, inputs, source, Path(out_dir), options, load)
     if engine == "ray":
         if isinstance(model, FeatureExtractor):
             raise ValueError(
@@ -315,29 +316,8 @@ def extract_dataset(
             )
         from ssole_hub.ray import extract_with_ray
 
-        return extract_with_ray(
-            model,
-            inputs,
-            source,
-            Path(out_dir),
-            options,
-            load,
-            batch_size=batch_size,
-            progress=progress,
-            **ray_only,
-        )
-    return _extract_plain(
-        model,
-        inputs,
-        source,
-        Path(out_dir),
-        options,
-        load,
-        device,
-        batch_size,
-        num_workers,
-        progress,
-    )
+        return extract_with_ray(*run, batch_size=batch_size, progress=progress, **ray_only)
+    return _extract_plain(*run, device, batch_size, num_workers, progress)
 
 
 def _extract_plain(

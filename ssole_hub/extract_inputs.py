@@ -78,9 +78,10 @@ class Record(NamedTuple):
     data: Path | bytes | MissingImageError
 
 
-def error_entry(record_id: str, exc: BaseException) -> dict[str, str]:
-    """The errors-file line of a record that could not be embedded."""
-    return {"id": record_id, "error": type(exc).__name__, "message": str(exc)}
+def error_entry(record_id: str, error: str, message: str) -> dict[str, str]:
+    """The errors-file line of a record that could not be embedded: its id, the error's name
+    (e.g. ``CorruptImageError``) and message. Both engines write it."""
+    return {"id": record_id, "error": error, "message": message}
 
 
 def image_bytes(value: Any) -> bytes | None:

@@ -33,6 +33,7 @@ from ssole_hub.extract_inputs import (
     MissingImageError,
     ParquetFiles,
     TarShards,
+    error_entry,
     image_bytes,
 )
 from ssole_hub.extract_output import write_manifest, write_shard
@@ -180,7 +181,7 @@ class _ShardRows:
     def add(self, record_id: str, row: np.ndarray, error: str, message: str) -> None:
         self.seen.append(record_id)
         if error:
-            self.errors.append({"id": record_id, "error": error, "message": message})
+            self.errors.append(error_entry(record_id, error, message))
         else:
             self.ids.append(record_id)
             self.rows.append(row)
@@ -196,8 +197,7 @@ class _ShardRows:
                 unseen[record_id] += 1
         for record_id, times in unseen.items():
             message = f"{record_id} does not exist or cannot be read"
-            entry = {"id": record_id, "error": "FileNotFoundError", "message": message}
-            self.errors += [entry] * times
+            self.errors += [error_entry(record_id, "FileNotFoundError", message)] * times
 
 
 def _write_rows(
