@@ -178,13 +178,17 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
         help="Ray: GPUs per embedding actor (default 1 when the cluster has GPUs)",
     )
     p.add_argument(
-        "--num-cpus-per-worker", type=float, default=None, help="Ray: CPUs per actor (default 1)"
+        "--num-cpus-per-worker",
+        type=float,
+        default=None,
+        help="Ray: CPUs per actor, and its decoding (and CPU forward) threads (default: its share "
+        "of its node's CPUs, one of which is left unreserved for reading)",
     )
     p.add_argument(
         "--concurrency",
         type=int,
         default=None,
-        help="Ray: embedding actors (default: one per GPU, or 1 without GPUs)",
+        help="Ray: embedding actors (default: one per GPU, or one per node without GPUs)",
     )
 
 

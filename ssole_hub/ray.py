@@ -16,12 +16,14 @@ imported only here, and only when used: ``pip install 'ssole-hub[ray]'``.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import os
 from collections import defaultdict, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -41,6 +43,10 @@ from ssole_hub.extractor import FeatureExtractor, resolve_dtype
 from ssole_hub.models import Output
 
 __all__ = ["Embedder", "extract_with_ray", "require_ray"]
+
+CPUS_FOR_READING = 1
+"""CPUs of each node the embedding actors leave unreserved, for Ray Data's listing and reading
+tasks (Ray's default of 1 CPU each; they only read bytes, the actors decode)."""
 
 
 def require_ray():
@@ -65,6 +71,10 @@ class Embedder:
     when the row was embedded) and ``error_message``. A row that cannot be decoded gets a zero
     embedding and its error; it never fails the batch.
 
+    ``__call__`` is asynchronous, so Ray Data hands an actor several batches at once: while the
+    model runs on one batch (always in the same thread, one batch at a time), the next ones are
+    decoded in a thread pool. Decoding never waits for the model, nor the model for decoding.
+
     Args:
         model: anything :meth:`FeatureExtractor.from_pretrained` takes.
         image_column: the image column, or several to try in order (the first non-empty cell of
@@ -72,7 +82,8 @@ class Embedder:
             from the output.
         output, normalize: as :meth:`FeatureExtractor.embed`.
         device: default: the actor's GPU when Ray gave it one, else the CPU.
-        decode_threads: images decoded in parallel inside the actor.
+        threads: decoding threads, and the forward pass's threads on a CPU; default: torch's
+            (in a Ray actor, the CPUs it reserved: Ray sets ``OMP_NUM_THREADS``).
         **load: other :meth:`FeatureExtractor.from_pretrained` options (``dtype``, ``backend``,
             ``max_bytes``, ``max_pixels``, ``fast_decode``, ``compile``).
     """
@@ -85,16 +96,19 @@ class Embedder:
         output: Output = "backbone",
         normalize: bool = True,
         device: torch.device | str | None = None,
-        decode_threads: int = 4,
+        threads: int | None = None,
         **load: Any,
     ) -> None:
+        threads = threads or torch.get_num_threads()
+        torch.set_num_threads(threads)
         self.fx = FeatureExtractor.from_pretrained(
             model, device=device, with_projector=output == "projector", **load
         )
         self.image_columns = (image_column,) if isinstance(image_column, str) else image_column
         self.output = output
         self.normalize = normalize
-        self.pool = ThreadPoolExecutor(max_workers=decode_threads)
+        self.decoders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
+        self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     def _image(self, batch: dict[str, np.ndarray], i: int) -> Any:
         for column in self.image_columns:
@@ -115,22 +129,30 @@ class Embedder:
         except (ValueError, TypeError, OSError) as exc:  # ImageDecodeError is a ValueError
             return exc
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Embed one batch; see the class docstring for the columns."""
-        n = len(next(iter(batch.values()))) if batch else 0
-        images = [self._image(batch, i) for i in range(n)]
-        done = list(self.pool.map(self._preprocess, images))
+    def _embed(self, done: list[torch.Tensor | Exception]) -> np.ndarray:
         good = [i for i, x in enumerate(done) if isinstance(x, torch.Tensor)]
-        emb = np.zeros((n, self.fx.dims[self.output]), np.float32)
+        emb = np.zeros((len(done), self.fx.dims[self.output]), np.float32)
         if good:
             tensors = torch.stack([done[i] for i in good])
             emb[good] = self.fx.embed_tensor(tensors, self.output, self.normalize).numpy()
+        return emb
+
+    async def __call__(self, batch: dict[str, np.ndarray]) -> AsyncIterator[dict[str, np.ndarray]]:
+        """Embed one batch; see the class docstring for the columns."""
+        loop = asyncio.get_running_loop()
+        n = len(next(iter(batch.values()))) if batch else 0
+        decoding = [
+            loop.run_in_executor(self.decoders, self._preprocess, self._image(batch, i))
+            for i in range(n)
+        ]
+        done = list(await asyncio.gather(*decoding))
+        emb = await loop.run_in_executor(self.model_thread, self._embed, done)
         out = {k: v for k, v in batch.items() if k not in self.image_columns}
         out["embedding"] = emb
         bad = [x if isinstance(x, Exception) else None for x in done]
         out["error"] = np.array([type(e).__name__ if e else "" for e in bad], dtype=object)
         out["error_message"] = np.array([str(e) if e else "" for e in bad], dtype=object)
-        return out
+        yield out
 
 
 # -- the engine -------------------------------------------------------------------------------
@@ -258,9 +280,10 @@ def extract_with_ray(
             process is connected to, else ``RAY_ADDRESS``, else a new local one.
         num_gpus_per_worker: GPUs per actor; default 1 when the cluster has GPUs, else 0.
         concurrency: number of actors; default: the cluster's GPUs / ``num_gpus_per_worker``,
-            or 1 without GPUs.
-        num_cpus_per_worker: CPUs reserved per actor (its decoding and, on a CPU, its forward
-            pass threads); default 1.
+            or one per node without GPUs.
+        num_cpus_per_worker: CPUs reserved per actor, and its decoding threads (and forward
+            pass threads on a CPU); default: its share of its node's CPUs, reserving all but
+            ``CPUS_FOR_READING`` of them (see :func:`_resources`).
 
     Raises:
         ImportError: Ray is not installed.
@@ -271,7 +294,9 @@ def extract_with_ray(
     if started:
         ray.init(address=ray_address, include_dashboard=False)
     try:
-        gpus, workers = _resources(ray, num_gpus_per_worker, concurrency)
+        gpus, cpus, threads, workers = _resources(
+            ray, num_gpus_per_worker, concurrency, num_cpus_per_worker
+        )
         backend = "torch" if load["backend"] == "auto" and gpus > 0 else load["backend"]
         load = {**load, "backend": backend}
         driver_load = {**load, "dtype": "float32", "compile": False}
@@ -279,7 +304,7 @@ def extract_with_ray(
         run_fingerprint = fingerprint(fx, options, source)
         pending = resumable_shards(out, list(range(source.num_shards)), options, run_fingerprint)
         if pending:
-            actors = {"num_gpus": gpus, "num_cpus": num_cpus_per_worker or 1, "size": workers}
+            actors = {"num_gpus": gpus, "num_cpus": cpus, "threads": threads, "size": workers}
             rows, locate = _embedded_rows(
                 ray, source, pending, model, options, load, actors, batch_size, progress
             )
@@ -303,6 +328,8 @@ def extract_with_ray(
             engine="ray",
             ray_workers=workers,
             num_gpus_per_worker=gpus,
+            num_cpus_per_worker=cpus,
+            threads_per_worker=threads,
         )
         header["compute_dtype"] = _worker_dtype(load["dtype"], gpus)
         return write_manifest(out, header, source.num_shards, options.file_format)
@@ -327,7 +354,9 @@ def _embedded_rows(
     shard and id."""
     ds, columns, locate = _read(ray, source, pending)
     kwargs = {k: v for k, v in load.items() if k != "with_projector"}
-    embedder = dict(model=model, image_column=columns, output=options.output)
+    embedder = dict(
+        model=model, image_column=columns, output=options.output, threads=actors["threads"]
+    )
     ds = ds.map_batches(
         Embedder,
         fn_constructor_kwargs={**embedder, "normalize": options.normalize, **kwargs},
@@ -342,17 +371,47 @@ def _embedded_rows(
     return ds.iter_batches(batch_format="numpy", batch_size=None), locate
 
 
-def _resources(ray, num_gpus: float | None, concurrency: int | None) -> tuple[float, int]:
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    gpus = (1 if cluster_gpus >= 1 else 0) if num_gpus is None else num_gpus
-    if gpus < 0 or (concurrency is not None and concurrency < 1):
+class Resources(NamedTuple):
+    """What each embedding actor reserves and runs, and how many actors there are."""
+
+    gpus: float
+    cpus: float
+    threads: int
+    workers: int
+
+
+def _resources(
+    ray: Any, num_gpus: float | None, concurrency: int | None, num_cpus: float | None
+) -> Resources:
+    """The actors' resources: given ones are checked, missing ones fill the cluster.
+
+    Defaults: with GPUs, 1 GPU per actor and one actor per GPU; without, one actor per node. The
+    actors of a node share its CPUs: each reserves its share of all but ``CPUS_FOR_READING`` of
+    them, and runs as many threads as its share of all of them (so reading, which is light, runs
+    beside the actors instead of waiting for a free CPU). A given ``num_cpus`` is both.
+    """
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    largest = max((r.get("GPU", 0) for r in nodes), default=0)
+    gpus = (1 if largest >= 1 else 0) if num_gpus is None else num_gpus
+    if gpus < 0 or (concurrency is not None and concurrency < 1) or (num_cpus or 1) <= 0:
         raise ValueError(
-            f"need num_gpus_per_worker >= 0 and concurrency >= 1, got {gpus}, {concurrency}"
+            "need num_gpus_per_worker >= 0, concurrency >= 1 and num_cpus_per_worker > 0, "
+            f"got {gpus}, {concurrency}, {num_cpus}"
         )
-    if gpus > cluster_gpus:
+    if gpus > largest:
         raise ValueError(
-            f"the Ray cluster has {cluster_gpus:g} GPUs; an actor cannot have {gpus:g}"
+            f"the largest node of the Ray cluster has {largest:g} GPUs; an actor cannot have "
+            f"{gpus:g}"
         )
-    if concurrency is None:
-        concurrency = max(1, int(cluster_gpus // gpus)) if gpus else 1
-    return gpus, concurrency
+    hosts = [r for r in nodes if r.get("GPU", 0) >= gpus] if gpus else nodes
+    if gpus:
+        per_node = min(int(r["GPU"] // gpus) for r in hosts)
+        workers = concurrency or sum(int(r["GPU"] // gpus) for r in hosts)
+    else:
+        workers = concurrency or len(hosts)
+        per_node = math.ceil(workers / len(hosts))
+    if num_cpus:
+        return Resources(gpus, num_cpus, math.ceil(num_cpus), workers)
+    node_cpus = min(r.get("CPU", 1) for r in hosts)
+    cpus = max(0.0, node_cpus - CPUS_FOR_READING) / per_node
+    return Resources(gpus, cpus, max(1, round(node_cpus / per_node)), workers)
