@@ -9,11 +9,7 @@ timed, interleaved, ``--repeats`` times each:
 - **extract**: :func:`ssole_hub.extract.extract_dataset` from the JPEG files to shards on disk
   (DataLoader decoding workers, sharded writes, manifest; fresh output folder each time);
 - **extract --fast-decode**: the same with reduced-scale JPEG decoding (opt-in);
-- **decode**: decoding and preprocessing alone, in one thread (``FeatureExtractor.preprocess``);
-- with ``--ray``, the same JPEGs as webdataset tars (``--tars`` of them), extracted by the
-  **plain** engine and by the **Ray** engine (``--engine ray``: a local Ray instance started once,
-  untimed, with all cores; ``--ray-workers`` embedding actors of ``--ray-cpus-per-worker`` CPUs).
-  A Ray run's time includes starting its actors and loading the model in them, as a job's does.
+- **decode**: decoding and preprocessing alone, in one thread (``FeatureExtractor.preprocess``).
 
 The figures that matter are the ratios of the medians to the bound, in wall-clock time and in CPU
 time (this process plus its decoding workers; a busy shared machine cannot inflate it). On a CPU,
@@ -22,7 +18,9 @@ is ``forward / (forward + decode / cores)`` (all cores busy all the time), print
 ratio. Weights are random (``pretrained=False``): throughput does not depend on them, and nothing
 is downloaded. The load average before and after, and the CPU model and flags, go in the JSON.
 
-    python bench/extract.py [--model ssole_resnet18] [--images 96] [--repeats 3] [--ray]
+The Ray engine against the plain one: ``bench/extract_ray.py``.
+
+    python bench/extract.py [--model ssole_resnet18] [--images 96] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -78,16 +76,6 @@ def write_tars(folder: Path, paths: list[Path], count: int) -> str:
     return str(folder / f"data-{{000..{count - 1:03d}}}.tar")
 
 
-def start_ray(args: argparse.Namespace) -> dict:
-    """A local Ray instance with every core; returns the engine options of the Ray runs."""
-    import ray
-
-    cores = len(os.sched_getaffinity(0))
-    ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False)
-    per_worker = args.ray_cpus_per_worker or max(1, (cores - 1) // args.ray_workers)
-    return {"concurrency": args.ray_workers, "num_cpus_per_worker": per_worker}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ssole_resnet18")
@@ -96,12 +84,6 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="default: extract's default")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--ray", action="store_true", help="also time the Ray engine on tars")
-    parser.add_argument("--tars", type=int, default=4, help="webdataset tars for --ray")
-    parser.add_argument("--ray-workers", type=int, default=1, help="Ray embedding actors")
-    parser.add_argument(
-        "--ray-cpus-per-worker", type=float, default=None, help="default: (cores - 1) / workers"
-    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "extract.json"))
     args = parser.parse_args()
     machine = machine_record()
@@ -116,8 +98,6 @@ def main() -> None:
         images = root / "images"
         images.mkdir()
         paths = write_jpegs(images, args.images)
-        tars = write_tars(root, paths, args.tars) if args.ray else None
-        ray_options = start_ray(args) if args.ray else {}
         sizes = [Image.open(p).size for p in paths]
         batches = [
             fx.preprocess(paths[i : i + args.batch_size])
@@ -140,17 +120,15 @@ def main() -> None:
                 fx.embed_tensor(batch)  # returns on the CPU, so the GPU work is finished
             return time.perf_counter() - start
 
-        def extract(rep: int, extractor: FeatureExtractor, name: str, source=images, **kw) -> float:
-            workers = {} if kw.get("engine") == "ray" else {"num_workers": args.workers}
+        def extract(rep: int, extractor: FeatureExtractor, name: str) -> float:
             start = time.perf_counter()
             manifest = extract_dataset(
                 extractor,
-                source,
+                images,
                 root / f"{name}{rep}",
                 batch_size=args.batch_size,
+                num_workers=args.workers,
                 progress=False,
-                **workers,
-                **kw,
             )
             elapsed = time.perf_counter() - start
             assert manifest["num_embedded"] == len(paths), manifest
@@ -167,12 +145,6 @@ def main() -> None:
             "extract": lambda rep: extract(rep, fx, "exact"),
             "extract_fast": lambda rep: extract(rep, fx_fast, "fast"),
         }
-        if args.ray:
-            runs["tars_plain"] = lambda rep: extract(rep, fx, "tars_plain", tars)
-            # Each Ray actor gets the same module (random weights) and loads it itself.
-            runs["tars_ray"] = lambda rep: extract(
-                rep, model, "tars_ray", tars, engine="ray", **ray_options
-            )
         times: dict[str, list[float]] = {name: [] for name in runs}
         cpu: dict[str, list[float]] = {name: [] for name in runs}
         for rep in range(args.repeats):
@@ -192,9 +164,8 @@ def main() -> None:
     # All cores busy all the time: the forward pass's time plus the decode work spread over them.
     ceiling = forward_s / (forward_s + decode_s / cores) if fx.device.type == "cpu" else 1.0
     ratio = {k: rate[k] / rate["bound"] for k in runs}
-    # Ray's worker processes are not reaped children of this one: their CPU time is not counted.
-    cpu_ms = {k: 1e3 * statistics.median(v) / len(paths) for k, v in cpu.items() if k != "tars_ray"}
-    cpu_ratio = {k: cpu_ms["bound"] / cpu_ms[k] for k in cpu_ms}
+    cpu_ms = {k: 1e3 * statistics.median(v) / len(paths) for k, v in cpu.items()}
+    cpu_ratio = {k: cpu_ms["bound"] / cpu_ms[k] for k in runs}
     pixels = [w * h for w, h in sizes]
     print()
     print(f"{args.images} JPEGs, {min(pixels) / 1e6:.2f}-{max(pixels) / 1e6:.2f} MP, {fx}")
@@ -203,28 +174,18 @@ def main() -> None:
         "extract": "extract (JPEG files -> shards)",
         "extract_fast": "extract --fast-decode",
         "decode": "decode + preprocess only, 1 thread",
-        "tars_plain": f"extract, {args.tars} tars, plain engine",
-        "tars_ray": f"extract, {args.tars} tars, Ray engine",
     }
-    labels = {k: v for k, v in labels.items() if k in runs}
     print(f"| {'pipeline':<34} | images/s | ratio | CPU ms/image | CPU ratio |")
     print(f"| {'-' * 34} | -------: | ----: | -----------: | --------: |")
     for key, label in labels.items():
-        cpu_cells = (
-            f"{cpu_ms[key]:>12.0f} | {cpu_ratio[key]:>9.2f}"
-            if key in cpu_ms
-            else f"{'n/a':>12} | {'n/a':>9}"
+        print(
+            f"| {label:<34} | {rate[key]:>8.1f} | {ratio[key]:>5.2f} | {cpu_ms[key]:>12.0f} "
+            f"| {cpu_ratio[key]:>9.2f} |"
         )
-        print(f"| {label:<34} | {rate[key]:>8.1f} | {ratio[key]:>5.2f} | {cpu_cells} |")
     print(
         f"\nceiling of extract / bound on {cores} CPU cores: forward / (forward + decode / cores)"
         f" = {ceiling:.2f}; extract reaches {ratio['extract'] / ceiling:.2f} of it"
     )
-    if args.ray:
-        print(
-            f"Ray engine / plain engine on the same tars: "
-            f"{rate['tars_ray'] / rate['tars_plain']:.2f} ({ray_options})"
-        )
     print(f"load average before {machine['load_average_before']}, after {load_average()}")
 
     result = {
@@ -241,20 +202,13 @@ def main() -> None:
         "workers": args.workers,
         "repeats": args.repeats,
         "seconds": times,
-        "cpu_seconds": {k: v for k, v in cpu.items() if k != "tars_ray"},
+        "cpu_seconds": cpu,
         "images_per_s": rate,
         "ratio_to_bound": ratio,
         "cpu_ms_per_image": cpu_ms,
         "cpu_ratio_to_bound": cpu_ratio,
         "ceiling_ratio_to_bound": ceiling,
         "extract_vs_ceiling": ratio["extract"] / ceiling,
-        "ray": {
-            "tars": args.tars,
-            **ray_options,
-            "ray_vs_plain": rate["tars_ray"] / rate["tars_plain"],
-        }
-        if args.ray
-        else None,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -393,7 +393,8 @@ def _resources(
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     largest = max((r.get("GPU", 0) for r in nodes), default=0)
     gpus = (1 if largest >= 1 else 0) if num_gpus is None else num_gpus
-    if gpus < 0 or (concurrency is not None and concurrency < 1) or (num_cpus or 1) <= 0:
+    bad_cpus = num_cpus is not None and num_cpus <= 0
+    if gpus < 0 or (concurrency is not None and concurrency < 1) or bad_cpus:
         raise ValueError(
             "need num_gpus_per_worker >= 0, concurrency >= 1 and num_cpus_per_worker > 0, "
             f"got {gpus}, {concurrency}, {num_cpus}"
@@ -410,7 +411,7 @@ def _resources(
     else:
         workers = concurrency or len(hosts)
         per_node = math.ceil(workers / len(hosts))
-    if num_cpus:
+    if num_cpus is not None:
         return Resources(gpus, num_cpus, math.ceil(num_cpus), workers)
     node_cpus = min(r.get("CPU", 1) for r in hosts)
     cpus = max(0.0, node_cpus - CPUS_FOR_READING) / per_node

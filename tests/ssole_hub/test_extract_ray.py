@@ -16,6 +16,7 @@ import pytest
 
 from ssole_hub.cli import main
 from ssole_hub.extract import extract_dataset, read_embeddings
+from ssole_hub.ray import Resources, _resources
 
 pytest.importorskip("ray", reason="the Ray engine needs the [ray] extra")
 pytestmark = pytest.mark.slow
@@ -133,3 +134,56 @@ def test_a_killed_ray_run_resumes_to_the_uninterrupted_output(
     assert ids == ref_ids
     np.testing.assert_allclose(emb, ref_emb, atol=1e-5)
     assert _errors(out) == _errors(reference)
+
+
+class _Cluster:
+    """Stands in for the ``ray`` module's ``nodes()`` only: multi-node and GPU clusters cannot
+    exist here. The local case is checked on the real Ray instance below."""
+
+    def __init__(self, *nodes: dict[str, float]) -> None:
+        self._nodes = [{"Alive": True, "Resources": r} for r in nodes]
+        self._nodes.append({"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}})
+
+    def nodes(self) -> list[dict]:
+        return self._nodes
+
+
+@pytest.mark.parametrize(
+    ("nodes", "given", "expected"),
+    [
+        # One actor per node without GPUs; it reserves all CPUs but one, runs on all of them.
+        ([{"CPU": 2.0}], {}, Resources(0, 1.0, 2, 1)),
+        ([{"CPU": 32.0}] * 3, {}, Resources(0, 31.0, 32, 3)),
+        ([{"CPU": 16.0}], {"concurrency": 4}, Resources(0, 3.75, 4, 4)),
+        ([{"CPU": 1.0}], {}, Resources(0, 0.0, 1, 1)),
+        # One actor per GPU, on GPU nodes only (a CPU-only head node runs none).
+        ([{"CPU": 16.0, "GPU": 1.0}], {}, Resources(1, 15.0, 16, 1)),
+        ([{"CPU": 8.0}, *[{"CPU": 96.0, "GPU": 8.0}] * 2], {}, Resources(1, 11.875, 12, 16)),
+        ([{"CPU": 8.0, "GPU": 1.0}], {"num_gpus": 0.5}, Resources(0.5, 3.5, 4, 2)),
+        # Given CPUs are both the reservation and the threads.
+        ([{"CPU": 16.0}], {"num_cpus": 2.5}, Resources(0, 2.5, 3, 1)),
+    ],
+)
+def test_the_actors_fill_the_cluster_unless_told_otherwise(nodes, given, expected):
+    args = (given.get("num_gpus"), given.get("concurrency"), given.get("num_cpus"))
+    assert _resources(_Cluster(*nodes), *args) == expected
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ((2, None, None), "the largest node of the Ray cluster has 1 GPUs; an actor cannot have 2"),
+        ((None, 0, None), "concurrency >= 1"),
+        ((None, None, 0), "num_cpus_per_worker > 0"),
+        ((-1, None, None), "num_gpus_per_worker >= 0"),
+    ],
+)
+def test_impossible_actor_resources_are_refused_by_name(given, message):
+    with pytest.raises(ValueError, match=message):
+        _resources(_Cluster({"CPU": 8.0, "GPU": 1.0}), *given)
+
+
+def test_on_the_local_ray_one_actor_reserves_all_cpus_but_one_and_uses_both(ray_cluster):
+    import ray
+
+    assert _resources(ray, None, None, None) == Resources(0, 1.0, 2, 1)
