@@ -385,10 +385,11 @@ def _resources(
 ) -> Resources:
     """The actors' resources: given ones are checked, missing ones fill the cluster.
 
-    Defaults: with GPUs, 1 GPU per actor and one actor per GPU; without, one actor per node. The
-    actors of a node share its CPUs: each reserves its share of all but ``CPUS_FOR_READING`` of
-    them, and runs as many threads as its share of all of them (so reading, which is light, runs
-    beside the actors instead of waiting for a free CPU). A given ``num_cpus`` is both.
+    Defaults: with GPUs, 1 GPU per actor and one actor per GPU; without, one actor per node that
+    has CPUs (a head node started with ``--num-cpus 0`` runs none). The actors of a node share
+    its CPUs: each reserves its share of all but ``CPUS_FOR_READING`` of them, and runs as many
+    threads as its share of all of them (so reading, which is light, runs beside the actors
+    instead of waiting for a free CPU). A given ``num_cpus`` is both.
     """
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     largest = max((r.get("GPU", 0) for r in nodes), default=0)
@@ -404,7 +405,9 @@ def _resources(
             f"the largest node of the Ray cluster has {largest:g} GPUs; an actor cannot have "
             f"{gpus:g}"
         )
-    hosts = [r for r in nodes if r.get("GPU", 0) >= gpus] if gpus else nodes
+    hosts = [r for r in nodes if r.get("CPU", 0) >= 1 and r.get("GPU", 0) >= gpus]
+    if not hosts:
+        raise ValueError(f"no node of the Ray cluster has a CPU and {gpus:g} GPUs for an actor")
     if gpus:
         per_node = min(int(r["GPU"] // gpus) for r in hosts)
         workers = concurrency or sum(int(r["GPU"] // gpus) for r in hosts)
@@ -413,6 +416,6 @@ def _resources(
         per_node = math.ceil(workers / len(hosts))
     if num_cpus is not None:
         return Resources(gpus, num_cpus, math.ceil(num_cpus), workers)
-    node_cpus = min(r.get("CPU", 1) for r in hosts)
+    node_cpus = min(r["CPU"] for r in hosts)
     cpus = max(0.0, node_cpus - CPUS_FOR_READING) / per_node
     return Resources(gpus, cpus, max(1, round(node_cpus / per_node)), workers)

@@ -156,6 +156,7 @@ class _Cluster:
         ([{"CPU": 32.0}] * 3, {}, Resources(0, 31.0, 32, 3)),
         ([{"CPU": 16.0}], {"concurrency": 4}, Resources(0, 3.75, 4, 4)),
         ([{"CPU": 1.0}], {}, Resources(0, 0.0, 1, 1)),
+        ([{"CPU": 0.0}, *[{"CPU": 8.0}] * 2], {}, Resources(0, 7.0, 8, 2)),
         # One actor per GPU, on GPU nodes only (a CPU-only head node runs none).
         ([{"CPU": 16.0, "GPU": 1.0}], {}, Resources(1, 15.0, 16, 1)),
         ([{"CPU": 8.0}, *[{"CPU": 96.0, "GPU": 8.0}] * 2], {}, Resources(1, 11.875, 12, 16)),
@@ -176,11 +177,12 @@ def test_the_actors_fill_the_cluster_unless_told_otherwise(nodes, given, expecte
         ((None, 0, None), "concurrency >= 1"),
         ((None, None, 0), "num_cpus_per_worker > 0"),
         ((-1, None, None), "num_gpus_per_worker >= 0"),
+        ((0.5, None, None), "no node of the Ray cluster has a CPU and 0.5 GPUs"),
     ],
 )
 def test_impossible_actor_resources_are_refused_by_name(given, message):
     with pytest.raises(ValueError, match=message):
-        _resources(_Cluster({"CPU": 8.0, "GPU": 1.0}), *given)
+        _resources(_Cluster({"CPU": 8.0}, {"CPU": 0.0, "GPU": 1.0}), *given)
 
 
 def test_on_the_local_ray_one_actor_reserves_all_cpus_but_one_and_uses_both(ray_cluster):
