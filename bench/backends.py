@@ -37,7 +37,6 @@ the guard, to measure what it would have cost.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -53,7 +52,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import load_average, machine_record
+from bench.machine import load_average, machine_record, write_result
 from ssole_hub import FeatureExtractor, export_hub_folder, export_onnx, load_model
 from ssole_hub.onnx_backend import ONNX_FILES
 
@@ -295,8 +294,6 @@ def main() -> None:
         photo_paths = write_photos(root / "photos")
         results = [bench_model(name, root, photo_paths, args) for name in args.models]
     print_table(results)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "benchmark": "backends",
         "command": "python bench/backends.py " + " ".join(sys.argv[1:]),
@@ -312,8 +309,7 @@ def main() -> None:
         "results": results,
         "load_average_after": load_average(),
     }
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_result(args.out, result)
 
 
 def main_knn(args) -> None:
@@ -325,8 +321,6 @@ def main_knn(args) -> None:
     print(f"{'backend':10} {'kNN top-1':>9} {'vs torch':>9}")
     for backend, top1 in result["knn_top1"].items():
         print(f"{backend:10} {top1:>9.2f} {top1 - torch_top1:>+9.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "benchmark": "backends-knn",
         "command": "python bench/backends.py " + " ".join(sys.argv[1:]),
@@ -334,8 +328,7 @@ def main_knn(args) -> None:
         **result,
         "load_average_after": load_average(),
     }
-    out.write_text(json.dumps(record, indent=1, default=str))
-    print(f"wrote {out}")
+    write_result(args.out, record)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ The Ray engine against the plain one: ``bench/extract_ray.py``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -42,7 +41,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import load_average, machine_record
+from bench.machine import load_average, machine_record, write_result
 from ssole_hub import FeatureExtractor, load_model
 from ssole_hub.extract import extract_dataset
 
@@ -210,10 +209,7 @@ def main() -> None:
         "ceiling_ratio_to_bound": ceiling,
         "extract_vs_ceiling": ratio["extract"] / ceiling,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

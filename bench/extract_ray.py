@@ -22,7 +22,6 @@ and after, and the CPU model and flags, go in the JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -36,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.extract import write_jpegs, write_tars
-from bench.machine import load_average, machine_record
+from bench.machine import load_average, machine_record, write_result
 from ssole_hub import load_model
 from ssole_hub.extract import extract_dataset
 
@@ -176,10 +175,7 @@ def main() -> None:
         "seconds": seconds,
         "engines": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
 """What a benchmark records about the machine it ran on: CPU model and flags, cores, load.
 
 Every benchmark stores :func:`machine_record` before its runs and :func:`load_average` after,
-so a reader can tell whether the machine was idle while it measured.
+so a reader can tell whether the machine was idle while it measured, and writes its JSON with
+:func:`write_result`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 
@@ -48,3 +51,11 @@ def machine_record() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "load_average_before": load_average(),
     }
+
+
+def write_result(out: str | Path, record: dict[str, Any]) -> None:
+    """Write a benchmark's JSON record to ``out`` (creating its folder) and say where."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1, default=str))
+    print(f"\nwrote {out}")
