@@ -287,16 +287,15 @@ def extract_with_ray(
 
     Raises:
         ImportError: Ray is not installed.
-        ValueError: bad resources (e.g. more GPUs per actor than the cluster has).
+        ValueError: bad resources (e.g. more GPUs per actor than any node has).
     """
     ray = require_ray()
     started = not ray.is_initialized()
     if started:
         ray.init(address=ray_address, include_dashboard=False)
     try:
-        gpus, cpus, threads, workers = _resources(
-            ray, num_gpus_per_worker, concurrency, num_cpus_per_worker
-        )
+        actors = _resources(ray, num_gpus_per_worker, concurrency, num_cpus_per_worker)
+        gpus = actors.gpus
         backend = "torch" if load["backend"] == "auto" and gpus > 0 else load["backend"]
         load = {**load, "backend": backend}
         driver_load = {**load, "dtype": "float32", "compile": False}
@@ -304,7 +303,6 @@ def extract_with_ray(
         run_fingerprint = fingerprint(fx, options, source)
         pending = resumable_shards(out, list(range(source.num_shards)), options, run_fingerprint)
         if pending:
-            actors = {"num_gpus": gpus, "num_cpus": cpus, "threads": threads, "size": workers}
             rows, locate = _embedded_rows(
                 ray, source, pending, model, options, load, actors, batch_size, progress
             )
@@ -326,10 +324,10 @@ def extract_with_ray(
             source,
             run_fingerprint,
             engine="ray",
-            ray_workers=workers,
+            ray_workers=actors.workers,
             num_gpus_per_worker=gpus,
-            num_cpus_per_worker=cpus,
-            threads_per_worker=threads,
+            num_cpus_per_worker=actors.cpus,
+            threads_per_worker=actors.threads,
         )
         header["compute_dtype"] = _worker_dtype(load["dtype"], gpus)
         return write_manifest(out, header, source.num_shards, options.file_format)
@@ -345,26 +343,26 @@ def _embedded_rows(
     model: Any,
     options: Options,
     load: dict[str, Any],
-    actors: dict[str, Any],
+    actors: Resources,
     batch_size: int,
     progress: bool,
 ) -> tuple[Iterator[dict[str, np.ndarray]], Locate]:
     """The pending shards read by Ray Data's reader and embedded by a pool of :class:`Embedder`
-    actors (``actors``: their GPUs, CPUs and number), in input order; and how to find a row's
-    shard and id."""
+    actors (``actors``: their GPUs, CPUs, threads and number), in input order; and how to find a
+    row's shard and id."""
     ds, columns, locate = _read(ray, source, pending)
     kwargs = {k: v for k, v in load.items() if k != "with_projector"}
     embedder = dict(
-        model=model, image_column=columns, output=options.output, threads=actors["threads"]
+        model=model, image_column=columns, output=options.output, threads=actors.threads
     )
     ds = ds.map_batches(
         Embedder,
         fn_constructor_kwargs={**embedder, "normalize": options.normalize, **kwargs},
         batch_size=batch_size,
         batch_format="numpy",
-        num_gpus=actors["num_gpus"],
-        num_cpus=actors["num_cpus"],
-        compute=ray.data.ActorPoolStrategy(size=actors["size"]),
+        num_gpus=actors.gpus,
+        num_cpus=actors.cpus,
+        compute=ray.data.ActorPoolStrategy(size=actors.workers),
     )
     ds.context.execution_options.preserve_order = True
     ds.context.enable_progress_bars = progress
