@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -248,25 +248,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _checkout_files(repo: Path) -> list[Path]:
+    """The files a fresh clone of ``repo`` would hold, plus new files not yet committed: what git
+    tracks or would track (nothing it ignores: runs, exports, the venv), without the user's own
+    files that a used checkout may hold (they are written anew)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=repo, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    user_tops = {name.rstrip("/").split("/")[0] for name in USER_FILES}
+    files = [Path(f) for f in listed.split("\0") if f]
+    return [f for f in files if f.parts[0] not in user_tops and (repo / f).is_file()]
+
+
+def copy_checkout(repo: Path, work: Path) -> None:
+    """Copy ``repo`` as a new user would find it after cloning, even when ``repo`` has been used
+    (its README commands run, its outputs and user files present)."""
+    for rel in _checkout_files(repo):
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(repo / rel, work / rel)
+
+
 @dataclass
 class Session:
-    """The working copy, its environment, and the server a step started."""
+    """The working copy, its environment, the server a step started, and the paths named by steps
+    that were skipped (a later step that needs one of them is skipped too, with that reason)."""
 
     work: Path
     scratch: Path
     env: dict[str, str]
     port: int
     server: subprocess.Popen | None = None
+    skipped_paths: dict[str, str] = field(default_factory=dict)
 
 
 @pytest.fixture(scope="module")
 def session(tmp_path_factory) -> Iterator[Session]:
     work = tmp_path_factory.mktemp("readme") / "ssole-hub"
-    ignore = shutil.ignore_patterns(
-        ".git", ".venv", "runs", "demo_out", "exported", "emb", "emb-ray", "shards", "__pycache__", "*.egg-info",
-        ".pytest_cache", ".ruff_cache", "results",
-    )  # fmt: skip
-    shutil.copytree(REPO, work, ignore=ignore)
+    copy_checkout(REPO, work)
     write_user_files(work)
     env = {
         **os.environ,
@@ -304,6 +323,16 @@ def _start_server(s: Session, command: str) -> None:
     pytest.fail(f"{command} did not get ready in 180 s")
 
 
+def _missing_prerequisite(session: Session, paths: list[str]) -> str | None:
+    """Why a step cannot run: a path it names is missing because the step that makes it was
+    skipped; None when every path it names exists or was never named by a skipped step."""
+    for path in paths:
+        made_by = session.skipped_paths.get(path)
+        if made_by and not (session.work / path).exists():
+            return f"needs {path}, which was not made because {made_by}"
+    return None
+
+
 STEPS = readme_steps()
 
 
@@ -315,8 +344,12 @@ def test_the_readme_has_steps_to_run():
 @pytest.mark.parametrize("step", STEPS, ids=[s.id for s in STEPS])
 def test_readme_step(step: Step, session: Session):
     text = substituted(step, session.port)
-    reason = skip_reason(text)
+    paths = named_paths(text, step.kind)
+    reason = skip_reason(text) or _missing_prerequisite(session, paths)
     if reason:
+        for path in paths:
+            if not (session.work / path).exists():
+                session.skipped_paths.setdefault(path, f"README line {step.line}: {reason}")
         pytest.skip(f"README line {step.line}: {reason}")
     if re.search(LONG_RUNNING, text):
         if session.server is not None:
@@ -337,5 +370,5 @@ def test_readme_step(step: Step, session: Session):
             f"README line {step.line} failed ({done.returncode}):\n{text}\n"
             f"--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-5000:]}"
         )
-    missing = [p for p in named_paths(text, step.kind) if not (session.work / p).exists()]
+    missing = [p for p in paths if not (session.work / p).exists()]
     assert not missing, f"README line {step.line} names paths that do not exist: {missing}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -230,9 +231,29 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def port_in_use(host: str, port: int) -> bool:
+    """Whether ``host:port`` cannot be bound now (another server holds it). Binds as uvicorn
+    does (``SO_REUSEADDR``), so a port left in TIME_WAIT by a stopped server counts as free."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns the exit status."""
     args = _parser().parse_args(argv)
+    if not args.no_serve and port_in_use(args.host, args.port):
+        print(
+            f"python -m training.demo: error: {args.host}:{args.port} is already in use, so the "
+            f"demo could not serve its model there; choose another port (make demo PORT=8001, "
+            f"or --port 8001) or stop what holds it. Nothing was trained.",
+            file=sys.stderr,
+        )
+        return 2
     model_dir, commands = run_demo(
         args.out, args.dataset, args.retrain, args.port, args.eval_limit, args.overrides
     )

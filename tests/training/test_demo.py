@@ -151,3 +151,20 @@ def test_demo_pipeline_serves_and_its_printed_examples_return_embeddings(
         )
     assert "timm features (1, 512)" in timm_out
     assert "torch.hub features (1, 512)" in hub_out
+
+
+def test_demo_with_its_port_taken_stops_before_training(tmp_path: Path) -> None:
+    """`make demo` used to train, evaluate and export for minutes and only then die on
+    `address already in use`: the port is now checked first, and the error says how out."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "training.demo", "--out", str(tmp_path / "demo"), "--port", str(port)],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"127.0.0.1:{port} is already in use" in done.stderr
+    assert "make demo PORT=" in done.stderr and "Nothing was trained" in done.stderr
+    assert not (tmp_path / "demo").exists()
