@@ -109,7 +109,9 @@ class ServerSettings(BaseSettings):
     )
     warmup: bool = Field(default=True, description="run forward passes before reporting ready")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
-        default="info", description="uvicorn log level"
+        default="info",
+        description="log level of uvicorn and of the server's own lines on stderr (the model "
+        "loaded, the backend auto chose)",
     )
 
     @field_validator("api_key")

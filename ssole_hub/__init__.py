@@ -3,12 +3,17 @@
 ``import ssole_hub`` registers ``ssole_resnet18`` and ``ssole_resnet50`` with timm: build them with
 ``timm.create_model("ssole_resnet18", ...)``. The ``torch.hub`` entry points of the same names
 (``hubconf.py``) are pretrained, eval-mode feature extractors.
+
+It also makes timm's own Hub downloads fail at once when a file is neither cached nor
+downloadable (:func:`ssole_hub.hub.fetch.fail_fast_timm_downloads`): plain
+``timm.create_model("hf-hub:ORG/NAME", pretrained=True)`` then raises
+:class:`HubUnavailableError` naming the repo instead of retrying for half a minute.
 """
 
 from ssole_hub.extractor import FeatureExtractor
 from ssole_hub.hub.convert import ConversionError, convert_checkpoint
 from ssole_hub.hub.export import HubFolder, export_hub_folder, validate_hub_folder
-from ssole_hub.hub.fetch import HubUnavailableError
+from ssole_hub.hub.fetch import HubUnavailableError, fail_fast_timm_downloads
 from ssole_hub.hub.folder import HubFolderError
 from ssole_hub.hub.load import load_model
 from ssole_hub.hub.publish import push_to_hub
@@ -54,3 +59,5 @@ __all__ = [
     "ssole_loss",
     "validate_hub_folder",
 ]
+
+fail_fast_timm_downloads()

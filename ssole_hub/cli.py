@@ -8,10 +8,31 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
+from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
-from ssole_hub.onnx_backend import BACKENDS
+from ssole_hub.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from ssole_hub.onnx_backend import BACKENDS, FIDELITY_LIMITS
+
+
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it has one: not for flags, required options, or a
+    ``None`` default (whose help says in words what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.required or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _subcommand(sub: argparse._SubParsersAction, name: str, **kwargs: Any) -> Any:
+    """A subcommand parser whose help shows the defaults (subparsers do not inherit it)."""
+    return sub.add_parser(
+        name, formatter_class=_ShowDefaults, description=kwargs.get("help"), **kwargs
+    )
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -19,6 +40,7 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="ssole-hub",
         description="Export, convert, validate and publish SSOLE hub folders, and embed whole datasets "
         "(also python -m ssole_hub).",
+        formatter_class=_ShowDefaults,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_export(sub)
@@ -29,16 +51,22 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _subcommand(
+        sub,
         "export",
         help="export a training checkpoint as a timm-compatible hub folder (--onnx: add ONNX files)",
     )
     p.add_argument(
         "--checkpoint",
         default=None,
-        help="training checkpoint (.pt); without it, --onnx adds ONNX files to the folder --out",
+        help="training checkpoint (.pt) to write as the hub folder --out; leave it out to add "
+        "(or replace) the ONNX files of the existing folder --out, with --onnx",
     )
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="hub folder to write; without --checkpoint, the existing folder to add ONNX files to",
+    )
     p.add_argument(
         "--onnx",
         action="store_true",
@@ -47,18 +75,48 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--calibration",
         default=None,
-        help="real photos (folder or list file) to calibrate and check onnx/model_int8.onnx on",
+        help="real photos (folder or list file) to calibrate and check onnx/model_int8.onnx on "
+        "(default: none, so no int8 file, and the float32 file is checked on scikit-image's "
+        "bundled photos)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.add_argument(
-        "--eval-results", default=None, help="JSON file of measured results for the model card"
+        "--int8-min-cosine",
+        type=_cosine_limit,
+        default=FIDELITY_LIMITS["onnx-int8"],
+        help="smallest cosine to float32 torch that the int8 file must keep on every calibration "
+        "photo and output (higher is stricter); a file below it is not written",
     )
-    p.add_argument("--repo", default=None, help="Hub repo id the card's examples name, ORG/NAME")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an existing folder --out (--checkpoint)"
+    )
+    p.add_argument(
+        "--eval-results",
+        default=None,
+        help="JSON file of measured results for the model card (default: none)",
+    )
+    p.add_argument(
+        "--repo",
+        default=None,
+        help="Hub repo id the card's examples name, ORG/NAME (default: SSOLE_HUB_ORG/the folder "
+        "name)",
+    )
     p.set_defaults(func=_export)
 
 
+def _cosine_limit(text: str) -> float:
+    """A min-cosine limit in (0, 1], for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a cosine limit in (0, 1], got {text!r}")
+    return value
+
+
 def _add_convert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+    p = _subcommand(
+        sub,
         "convert",
         help="convert an official SSOLE (Lightning) or torchvision ResNet checkpoint to a hub folder",
     )
@@ -73,34 +131,51 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
         help="ssole-official: a Lightning checkpoint of the official SSOLE code (backbone and "
         "projector); torchvision: a torchvision ResNet state dict (its classifier is dropped)",
     )
-    p.add_argument("--arch", required=True, choices=("resnet18", "resnet50"))
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--arch",
+        required=True,
+        choices=("resnet18", "resnet50"),
+        help="the ResNet the checkpoint holds (weights of the other one are refused, naming it)",
+    )
+    p.add_argument("--out", required=True, help="hub folder to write")
     p.add_argument(
         "--projector-bn",
         action="store_true",
         help="the official projector has BatchNorm layers (its config's mlp_bn: true)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
-    p.add_argument("--repo", default=None, help="Hub repo id the card's examples name, ORG/NAME")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder --out")
+    p.add_argument(
+        "--repo",
+        default=None,
+        help="Hub repo id the card's examples name, ORG/NAME (default: SSOLE_HUB_ORG/the folder "
+        "name)",
+    )
     p.set_defaults(func=_convert)
 
 
 def _add_validate_and_push(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("validate", help="check that a hub folder is complete and loads in timm")
-    p.add_argument("folder")
+    p = _subcommand(sub, "validate", help="check that a hub folder is complete and loads in timm")
+    p.add_argument("folder", help="the hub folder to check")
     p.set_defaults(func=_validate)
 
-    p = sub.add_parser("push", help="publish a validated hub folder to the Hugging Face Hub")
-    p.add_argument("folder")
-    p.add_argument("--repo", required=True, help="repo id, ORG/NAME")
-    p.add_argument("--revision", default=None, help="branch to push to")
-    p.add_argument("--private", action="store_true")
-    p.add_argument("--message", default=None, help="commit message")
+    p = _subcommand(sub, "push", help="publish a validated hub folder to the Hugging Face Hub")
+    p.add_argument("folder", help="the hub folder to publish (validated first)")
+    p.add_argument("--repo", required=True, help="repo id, ORG/NAME (created if needed)")
+    p.add_argument(
+        "--revision", default=None, help="branch to push to, created if needed (default: main)"
+    )
+    p.add_argument(
+        "--private", action="store_true", help="create the repo private (if it does not exist)"
+    )
+    p.add_argument(
+        "--message", default=None, help="commit message (default: Upload SSOLE ARCH hub folder)"
+    )
     p.set_defaults(func=_push)
 
 
 def _add_extract(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+    p = _subcommand(
+        sub,
         "extract",
         help="embed images, webdataset tars or parquet files into sharded files (resumable; "
         "runs under torchrun, or on a Ray cluster with --engine ray)",
@@ -120,22 +195,50 @@ def _add_extract(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--image-column",
         default=None,
-        help="parquet: the encoded-image column (default image); tar: the image member's suffix",
+        help="parquet: the encoded-image column; tar: the image member's suffix (default: image "
+        "for parquet; for tars, the first image member a sample has: jpg, jpeg, png, ...)",
     )
-    p.add_argument("--id-column", default=None, help="parquet: the id column (default id)")
+    p.add_argument("--id-column", default=None, help="parquet: the id column (default: id)")
     p.add_argument("--out", required=True, help="output folder (reuse it to resume)")
-    p.add_argument("--output", choices=("backbone", "projector"), default="backbone")
+    p.add_argument(
+        "--output",
+        choices=("backbone", "projector"),
+        default="backbone",
+        help="which embedding to write: backbone features or projector outputs",
+    )
     p.add_argument("--no-normalize", action="store_true", help="keep raw (not unit-norm) rows")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=None, help="decoding processes per rank")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="decoding processes per rank (default: the rank's CPU cores, at most 8)",
+    )
     p.add_argument(
         "--shard-size",
         type=int,
         default=10_000,
         help="images per output shard for image files (a tar or parquet file is one shard)",
     )
-    p.add_argument("--format", choices=("npy", "safetensors", "parquet"), default="npy")
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    p.add_argument(
+        "--format",
+        choices=("npy", "safetensors", "parquet"),
+        default="npy",
+        help="file format of the embedding shards",
+    )
+    p.add_argument("--no-progress", action="store_true", help="show no progress bar")
+    _add_compute_options(p)
+    p.set_defaults(func=_extract)
+    return p
+
+
+def _add_compute_options(p: argparse.ArgumentParser) -> None:
+    """Where and how ``extract`` decodes and embeds: device, dtype, compile, decoder limits."""
+    p.add_argument(
+        "--device",
+        default=None,
+        help="torch device (default: cuda:LOCAL_RANK if available, else cpu)",
+    )
     p.add_argument(
         "--dtype",
         default="auto",
@@ -143,26 +246,35 @@ def _add_extract(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="compute dtype; auto = bfloat16 on CUDA, float32 on CPU",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--max-bytes", type=int, default=None, help="skip larger files")
-    p.add_argument("--max-pixels", type=int, default=None, help="skip larger images")
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        default=None,
+        help=f"skip larger files (default: {DEFAULT_MAX_BYTES} bytes, 32 MiB)",
+    )
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help=f"skip images with more pixels, width x height (default: {DEFAULT_MAX_PIXELS})",
+    )
     p.add_argument(
         "--fast-decode",
         action="store_true",
         help="decode large JPEGs at a reduced scale (faster; embeddings differ slightly)",
     )
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_extract)
-    return p
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
     """What runs an extraction: the forward pass (``--backend``) and the engine."""
     p.add_argument(
         "--backend",
-        default="torch",
+        default="auto",
         choices=BACKENDS,
         help="forward pass: torch, or OpenVINO on the CPU with the folder's onnx/ files (onnx: "
-        "float32, onnx-bf16, onnx-int8); auto = the fastest checked one the folder has",
+        "float32, onnx-bf16, onnx-int8); auto = torch on a GPU, with --compile or with a "
+        "--dtype other than auto or float32, else the fastest backend the folder has that "
+        "passed its export check (torch if none)",
     )
     p.add_argument(
         "--engine",
@@ -170,12 +282,17 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
         default="plain",
         help="plain: this machine (or torchrun ranks); ray: a Ray cluster (extra [ray])",
     )
-    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: local)")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join (default: the one this process is connected to, else "
+        "RAY_ADDRESS, else a new local one)",
+    )
     p.add_argument(
         "--num-gpus-per-worker",
         type=float,
         default=None,
-        help="Ray: GPUs per embedding actor (default 1 when the cluster has GPUs)",
+        help="Ray: GPUs per embedding actor (default: 1 when the cluster has GPUs)",
     )
     p.add_argument(
         "--num-cpus-per-worker",
@@ -194,30 +311,89 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     from ssole_hub.hub.export import export_hub_folder
-    from ssole_hub.onnx_export import export_onnx
 
+    out = Path(args.out)
     if args.checkpoint is None:
         if not args.onnx:
             raise ValueError("give --checkpoint, or --onnx to add ONNX files to the folder --out")
-        _print_onnx(export_onnx(args.out, calibration=args.calibration))
-        return 0
+        if not out.is_dir():
+            raise FileNotFoundError(
+                f"no hub folder at {out} to add ONNX files to; export one with --checkpoint CKPT"
+            )
+        return _export_onnx(args, out)
     if args.calibration and not args.onnx:
         raise ValueError("--calibration calibrates the int8 ONNX file: add --onnx")
-    results = None
-    if args.eval_results:
-        results = json.loads(Path(args.eval_results).read_text())
-        if not isinstance(results, dict):
-            raise ValueError(f"{args.eval_results} must hold a JSON object of results")
+    if args.onnx:
+        _check_onnx_request(args.calibration)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(
+            f"{out} already exists; pass --overwrite to replace it"
+            + (
+                f", or leave out --checkpoint to add or replace only its ONNX files "
+                f"(ssole-hub export --out {out} --onnx ...)"
+                if args.onnx
+                else ""
+            )
+        )
     out = export_hub_folder(
         args.checkpoint,
-        args.out,
+        out,
         overwrite=args.overwrite,
-        eval_results=results,
+        eval_results=_eval_results(args.eval_results),
         repo_id=args.repo,
     )
     print(out)
-    if args.onnx:
-        _print_onnx(export_onnx(out, calibration=args.calibration))
+    if not args.onnx:
+        return 0
+    try:
+        return _export_onnx(args, out)
+    except (ValueError, OSError, ImportError) as exc:
+        raise ValueError(
+            f"{exc}. The hub folder {out} was written without ONNX files; once that is fixed, "
+            f"add them with: ssole-hub export --out {out} --onnx [--calibration PHOTOS]"
+        ) from exc
+
+
+def _check_onnx_request(calibration: str | None) -> None:
+    """Before a hub folder is written: the ``[onnx]`` packages are there and the calibration
+    photos exist, so a typo does not leave a folder without its ONNX files.
+
+    Raises:
+        ImportError: a package of the ``[onnx]`` extra is missing (names it).
+        FileNotFoundError, ValueError: no such calibration folder or file, or no images in it.
+    """
+    missing = [m for m in ("onnx", "onnxruntime", "openvino") if find_spec(m) is None]
+    if missing:
+        raise ImportError(f"--onnx needs {', '.join(missing)}: pip install 'ssole-hub[onnx]'")
+    if calibration is not None:
+        from ssole_hub.extract_inputs import list_images
+
+        list_images(calibration)
+
+
+def _eval_results(path: str | None) -> dict | None:
+    if not path:
+        return None
+    results = json.loads(Path(path).read_text())
+    if not isinstance(results, dict):
+        raise ValueError(f"{path} must hold a JSON object of results")
+    return results
+
+
+def _export_onnx(args: argparse.Namespace, out: Path) -> int:
+    """Write the folder's ONNX files; a refused int8 file is a warning (the float32 file is
+    written and the refusal recorded), so the exit status is 0 when the float32 file is."""
+    from ssole_hub.onnx_export import OnnxFileRefusedWarning, export_onnx, refusal_message
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OnnxFileRefusedWarning)  # printed below, once
+        record = export_onnx(
+            out, calibration=args.calibration, limits={"onnx-int8": args.int8_min_cosine}
+        )
+    _print_onnx(record)
+    refused = refusal_message(out, record)
+    if refused:
+        print(f"ssole-hub export: warning: {refused}", file=sys.stderr)
     return 0
 
 
@@ -228,6 +404,8 @@ def _print_onnx(record: dict) -> None:
         verdict = (
             "passed" if figures["passed"] else "NOT passed: " + "; ".join(figures["shortfalls"])
         )
+        if figures.get("written") is False:
+            verdict += "; file refused, not written"
         print(
             f"{backend} ({figures['file']}, {figures['precision']}): min cosine to torch "
             f"{cosines} (limit {figures['limit']}); neighbour agreement {shares or 'n/a'} "
@@ -281,7 +459,7 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from ssole_hub.extract import extract_dataset
+    from ssole_hub.extract import extract_dataset, summary
 
     limits = {
         k: v
@@ -293,6 +471,9 @@ def _extract(args: argparse.Namespace) -> int:
         for k in ("ray_address", "num_gpus_per_worker", "num_cpus_per_worker", "concurrency")
         if getattr(args, k) is not None
     }
+    backend = args.backend
+    if backend == "auto" and (args.compile or args.dtype not in ("auto", "float32")):
+        backend = "torch"  # what the user asked for runs on torch only
     manifest = extract_dataset(
         args.model,
         args.input[0] if len(args.input) == 1 else args.input,
@@ -307,7 +488,7 @@ def _extract(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         compile=args.compile,
         fast_decode=args.fast_decode,
-        backend=args.backend,
+        backend=backend,
         progress=not args.no_progress,
         image_column=args.image_column,
         id_column=args.id_column,
@@ -316,21 +497,19 @@ def _extract(args: argparse.Namespace) -> int:
         **limits,
     )
     if "num_embedded" in manifest:  # rank 0 (or a single process) has the whole picture
-        print(
-            f"embedded {manifest['num_embedded']} of {manifest['num_inputs']} images "
-            f"({manifest['dim']}-d) into {args.out}; skipped {manifest['num_errors']} "
-            f"unreadable (listed in {manifest['errors_file']})"
-        )
+        print(summary(manifest, args.out))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``ssole-hub`` command line; returns the exit status."""
+    """Run the ``ssole-hub`` command line; returns the exit status (2 on an error, which is
+    printed as one line ``ssole-hub COMMAND: error: ...`` on stderr)."""
     args = _build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, OSError, ImportError) as exc:  # OSError: missing files, Hub HTTP errors
-        print(f"ssole-hub {args.command}: error: {exc}", file=sys.stderr)
+        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"ssole-hub {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

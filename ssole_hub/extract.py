@@ -2,10 +2,12 @@
 
 The input (image files, webdataset tars or parquet files; see :mod:`ssole_hub.extract_inputs`) is
 cut into input shards. Each finished shard is written atomically to the output folder with a
-done-marker, and at the end ``errors.jsonl`` and ``manifest.json`` (model id, preprocessing,
-dims, counts, shard list) are written (see :mod:`ssole_hub.extract_output`). A run that is
-interrupted (killed, preempted) resumes by skipping finished shards. Two engines write the same
-output:
+done-marker, and at the end ``_errors.jsonl`` and ``_manifest.json`` (model id, preprocessing,
+dims, counts, shard list) are written (see :mod:`ssole_hub.extract_output` for the layout). An
+input file that cannot be read (an empty, garbage or truncated tar or parquet file) is listed as
+failed, like an unreadable image, and the other shards go on. A run that is interrupted (killed,
+preempted) resumes by skipping finished shards, and so does a run whose input list gained files
+or lost or replaced failed ones (see :func:`fingerprint`). Two engines write the same output:
 
 - ``plain`` (here): records are decoded by :mod:`ssole_hub.images` in DataLoader worker processes
   while the model runs on earlier batches. Under ``torchrun`` rank ``r`` of ``W`` takes shards
@@ -37,17 +39,23 @@ from ssole_hub.extract_inputs import (
     ImageFiles,
     InputSource,
     Record,
+    UnreadableInputError,
     error_entry,
+    input_error_entry,
     list_images,
     open_input,
 )
 from ssole_hub.extract_output import (
+    ERRORS_FILE,
     FILE_FORMATS,
     MANIFEST_FILE,
     MANIFEST_FORMAT,
     FileFormat,
+    check_output,
     pending_shards,
     read_embeddings,
+    relocate_shards,
+    write_failed_shard,
     write_manifest,
     write_shard,
 )
@@ -62,12 +70,14 @@ from ssole_hub.models import Output
 from ssole_hub.version import __version__
 
 __all__ = [
+    "ERRORS_FILE",
     "MANIFEST_FILE",
     "MANIFEST_FORMAT",
     "Engine",
     "extract_dataset",
     "list_images",
     "read_embeddings",
+    "summary",
 ]
 
 Engine = Literal["plain", "ray"]
@@ -85,11 +95,13 @@ class Options(NamedTuple):
 
 
 class _Batch(NamedTuple):
-    """Records of one shard for one forward pass; ``last``: the shard's final batch."""
+    """Records of one shard for one forward pass; ``last``: the shard's final batch; ``failure``
+    (on a last batch): why the shard's input file could not be read."""
 
     shard: int
     records: list[Record]
     last: bool
+    failure: dict[str, str] | None = None
 
 
 def _batches(source: InputSource, pending: list[int], batch_size: int) -> Iterator[_Batch]:
@@ -97,11 +109,15 @@ def _batches(source: InputSource, pending: list[int], batch_size: int) -> Iterat
     # batches never straddle two shards, so a shard is complete when its last batch arrives.
     for k in pending:
         batch: list[Record] = []
-        for record in source.records(k):
-            if len(batch) == batch_size:
-                yield _Batch(k, batch, False)
-                batch = []
-            batch.append(record)
+        try:
+            for record in source.records(k):
+                if len(batch) == batch_size:
+                    yield _Batch(k, batch, False)
+                    batch = []
+                batch.append(record)
+        except UnreadableInputError as exc:
+            yield _Batch(k, [], True, input_error_entry(source.files[k], str(exc)))
+            continue
         yield _Batch(k, batch, True)
 
 
@@ -123,7 +139,7 @@ class _DecodeBatches(Dataset):
             except (ImageDecodeError, OSError) as exc:
                 errors.append(error_entry(record.id, type(exc).__name__, str(exc)))
         images = torch.stack(tensors) if tensors else torch.empty(0)
-        return batch.shard, batch.last, len(batch.records), ids, images, errors
+        return batch.shard, batch.last, len(batch.records), ids, images, errors, batch.failure
 
 
 def _unbatched(batch):
@@ -131,7 +147,15 @@ def _unbatched(batch):
 
 
 def fingerprint(fx: FeatureExtractor, options: Options, source: InputSource) -> str:
-    """What identifies a run's output: model, preprocessing, options and input."""
+    """What a run's shards must share to be resumed together: model, backend, preprocessing,
+    options (output, normalize, file format) and how the input is read (its kind, the tar image
+    suffix or parquet columns; for image files the whole path list and shard size).
+
+    Which tar or parquet files are read is not part of it: each shard's marker names its input
+    file instead (:func:`ssole_hub.extract_output.check_output`), so a re-run resumes after an
+    unreadable file was fixed or dropped from the list, or files were added, while an output
+    folder of another model, preprocessing, option or input kind, or one holding shards of
+    files that are not in the list, is refused."""
     run = {
         "model_id": fx.model_id,
         "backend": fx.backend,
@@ -146,15 +170,33 @@ def fingerprint(fx: FeatureExtractor, options: Options, source: InputSource) -> 
 
 
 def resumable_shards(
-    out: Path, shards: list[int], options: Options, run_fingerprint: str, whose: str = ""
+    out: Path,
+    shards: list[int],
+    options: Options,
+    run_fingerprint: str,
+    source: InputSource,
+    *,
+    rank: int = 0,
+    world: int = 1,
 ) -> list[int]:
-    """Create ``out`` and return the shards of ``shards`` still to do, saying what is skipped.
+    """Create ``out``, move finished shards whose position in the input list changed, and return
+    the shards of ``shards`` still to do, saying what is skipped. Every rank of a job calls it
+    (rank 0 moves the shards between two barriers).
 
     Raises:
-        ValueError: ``out`` holds shards of a different run.
+        ValueError: ``out`` holds shards of a different extraction.
     """
-    out.mkdir(parents=True, exist_ok=True)
-    pending = pending_shards(out, shards, options.file_format, run_fingerprint)
+    names = source.shard_names
+    moves = check_output(out, names, run_fingerprint)
+    if moves:  # every rank sees the same markers, so all or none of them wait here
+        if world > 1:
+            _barrier()
+        if rank == 0:
+            relocate_shards(out, moves, options.file_format)
+        if world > 1:
+            _barrier()
+    pending = pending_shards(out, shards, names, run_fingerprint)
+    whose = f" of rank {rank}" if world > 1 else ""
     if len(pending) < len(shards):
         print(
             f"resuming {out}: {len(shards) - len(pending)} of {len(shards)} shards{whose} are "
@@ -189,6 +231,30 @@ def manifest_header(
         "fingerprint": run_fingerprint,
         "ssole_hub_version": __version__,
     }
+
+
+def summary(manifest: dict[str, Any], out: str | os.PathLike) -> str:
+    """The line ``ssole-hub extract`` prints at the end: counts, unreadable input files (named)
+    and repeated ids."""
+    line = (
+        f"embedded {manifest['num_embedded']} of {manifest['num_inputs']} images "
+        f"({manifest['dim']}-d) into {out}; skipped {manifest['num_errors']} unreadable (listed "
+        f"in {manifest['errors_file']})"
+    )
+    failed = manifest["failed_inputs"]
+    if failed:
+        named = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+        line += (
+            f"; {len(failed)} input file(s) could not be read, so none of their records are in "
+            f"the output: {named} (why: {manifest['errors_file']}; fix or remove them and run "
+            "again to resume)"
+        )
+    if manifest["num_duplicate_ids"]:
+        line += (
+            f"; {manifest['num_duplicate_ids']} id(s) belong to more than one row, e.g. "
+            f"{manifest['duplicate_ids'][0]!r} (duplicate_ids in {MANIFEST_FILE})"
+        )
+    return line
 
 
 def _distributed() -> tuple[int, int, int, bool]:
@@ -274,11 +340,13 @@ def extract_dataset(
             :func:`ssole_hub.ray.extract_with_ray`).
 
     Returns:
-        The manifest (also written to ``out_dir/manifest.json``); on ranks other than 0, a
-        summary of this rank's work.
+        The manifest (also written to ``out_dir/_manifest.json``; :func:`summary` words it);
+        on ranks other than 0, a summary of this rank's work.
 
     Raises:
-        ValueError: bad arguments, no images, or ``out_dir`` holds shards of a different run.
+        ValueError: bad arguments, no images, or ``out_dir`` holds shards of a different
+            extraction (see :func:`fingerprint`). An input file that cannot be read is not an
+            error: it is listed in ``_errors.jsonl`` and the manifest's ``failed_inputs``.
         FileNotFoundError: ``inputs`` or the model does not exist.
         ImportError: ``engine="ray"`` without Ray, or parquet without pyarrow.
     """
@@ -346,8 +414,9 @@ def _extract_plain(
             )
         run_fingerprint = fingerprint(fx, options, source)
         mine = list(range(rank, source.num_shards, world))
-        whose = f" of rank {rank}" if world > 1 else ""
-        pending = resumable_shards(out, mine, options, run_fingerprint, whose)
+        pending = resumable_shards(
+            out, mine, options, run_fingerprint, source, rank=rank, world=world
+        )
         workers = _default_workers() if num_workers is None else num_workers
         _run_shards(
             fx,
@@ -367,7 +436,7 @@ def _extract_plain(
         header = manifest_header(
             fx, options, inputs, source, run_fingerprint, engine="plain", world_size=world
         )
-        manifest = write_manifest(out, header, source.num_shards, options.file_format)
+        manifest = write_manifest(out, header, source.shard_names, options.file_format)
     finally:
         if created_group:
             dist.destroy_process_group()
@@ -405,13 +474,20 @@ def _run_shards(
     dim = fx.dims[options.output]
     ids, emb, errors = [], [], []
     with tqdm(total=total, disable=not progress, unit="img", desc="extract") as bar:
-        for k, last, count, batch_ids, images, batch_errors in loader:
+        for k, last, count, batch_ids, images, batch_errors, failure in loader:
             ids += batch_ids
             errors += batch_errors
             if batch_ids:
                 emb.append(fx.embed_tensor(images, options.output, options.normalize))
             bar.update(count)
-            if last:
+            if not last:
+                continue
+            name = source.shard_names[k]
+            if failure is not None:  # the rows read before the damage are dropped with it
+                write_failed_shard(out, k, failure, options.file_format, run_fingerprint, name=name)
+            else:
                 rows = torch.cat(emb).numpy() if emb else np.empty((0, dim), np.float32)
-                write_shard(out, k, ids, rows, errors, options.file_format, run_fingerprint)
-                ids, emb, errors = [], [], []
+                write_shard(
+                    out, k, ids, rows, errors, options.file_format, run_fingerprint, name=name
+                )
+            ids, emb, errors = [], [], []

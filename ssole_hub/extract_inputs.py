@@ -8,23 +8,32 @@ holds the records of input shard ``k``, in their order. Each record keeps a stab
 - webdataset tars (a brace pattern such as ``shards/data-{000..009}.tar``, or a list): one shard
   per tar; the id is ``<tar>/<key>``, ``<tar>`` being the tar's path relative to the folder all
   the tars share (its file name when they share one), so ids stay unique across tars;
-- parquet files (a pattern or a list): one shard per file; the id is the ``id_column`` value.
+- parquet files (a pattern or a list): one shard per file; the id is the ``id_column`` value, as
+  a string; a null id becomes ``<file>#<row>`` (``<file>`` named as tars are, ``<row>`` the row's
+  0-based index in the file), with a warning.
 
-Both engines read the same shards and ids: the plain engine through :meth:`records` here, the Ray
-engine through Ray Data's own readers (:mod:`ssole_hub.ray`), with the same image choice
-(:data:`WEBDATASET_IMAGE_SUFFIXES`, :func:`image_bytes`).
+Ids may hold any character, line breaks included (the output records them as JSON strings).
+
+Both engines read tars and parquet files through :meth:`TarShards.records` /
+:meth:`ParquetFiles.records` here (the Ray engine in Ray tasks, :mod:`ssole_hub.ray`), so they
+give the same shards, ids and errors. An input file that cannot be read (empty, not a tar or
+parquet file, truncated) raises :class:`UnreadableInputError` naming it: its shard is listed as
+failed, never embedded in part, and the other shards go on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import re
 import tarfile
 import warnings
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -38,11 +47,14 @@ __all__ = [
     "ParquetFiles",
     "Record",
     "TarShards",
+    "UnreadableInputError",
     "error_entry",
     "expand_braces",
     "image_bytes",
+    "input_error_entry",
     "list_images",
     "open_input",
+    "relative_names",
     "webdataset_key",
 ]
 
@@ -71,6 +83,10 @@ class MissingImageError(ImageDecodeError):
     """A record holds no image: a webdataset sample without an image member, a null cell."""
 
 
+class UnreadableInputError(OSError):
+    """A whole input file (a tar, a parquet file) cannot be read; the message names it."""
+
+
 class Record(NamedTuple):
     """One record to embed: its id and its image (a file path, encoded bytes, or why none)."""
 
@@ -82,6 +98,12 @@ def error_entry(record_id: str, error: str, message: str) -> dict[str, str]:
     """The errors-file line of a record that could not be embedded: its id, the error's name
     (e.g. ``CorruptImageError``) and message. Both engines write it."""
     return {"id": record_id, "error": error, "message": message}
+
+
+def input_error_entry(path: str, message: str) -> dict[str, str]:
+    """The errors-file line of an input file that could not be read (none of its records are in
+    the output): its path as given, ``UnreadableInputError`` and why. Both engines write it."""
+    return {"input": path, "error": UnreadableInputError.__name__, "message": message}
 
 
 def image_bytes(value: Any) -> bytes | None:
@@ -136,8 +158,8 @@ def list_images(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> tupl
     Args:
         inputs: a folder (scanned recursively for image extensions, hidden entries skipped,
             sorted), a text file with one path per line (blank lines and ``#`` comments
-            skipped; relative paths are relative to the file's folder), or a list of paths
-            (relative to the current directory).
+            skipped; relative paths are relative to the file's folder; only ``\\n`` ends a
+            line), or a list of paths (relative to the current directory).
 
     Returns:
         ``(paths, root)``: paths as they are recorded in the output, and the folder that relative
@@ -160,24 +182,26 @@ def list_images(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> tupl
             )
         elif src.is_file():
             root = src.parent
-            lines = (line.strip() for line in src.read_text().splitlines())
+            lines = (line.strip() for line in src.read_text().split("\n"))
             paths = [line for line in lines if line and not line.startswith("#")]
+        elif not src.exists():
+            raise FileNotFoundError(f"input {src} does not exist")
         else:
             raise FileNotFoundError(f"input {src} is neither a folder nor a list of paths")
     else:
         root = Path.cwd()
         paths = [os.fspath(p) for p in inputs]
-    # One path per line in the paths files: a name with a line break cannot be recorded.
-    unrecordable = [p for p in paths if "\n" in p or "\r" in p]
-    if unrecordable:
-        warnings.warn(
-            f"skipping {len(unrecordable)} file name(s) with line breaks, e.g. {unrecordable[0]!r}",
-            stacklevel=2,
-        )
-        paths = [p for p in paths if p not in set(unrecordable)]
     if not paths:
         raise ValueError(f"no images found in {inputs}")
     return paths, root
+
+
+def relative_names(files: Sequence[str]) -> list[str]:
+    """Each file's path relative to the folder all of them share (its file name when they share
+    one): how a tar or parquet file is named in ids and markers."""
+    folders = [os.path.dirname(os.path.abspath(f)) for f in files]
+    common = os.path.commonpath(folders)
+    return [Path(os.path.relpath(os.path.abspath(f), common)).as_posix() for f in files]
 
 
 @dataclass(frozen=True)
@@ -193,6 +217,12 @@ class ImageFiles:
     def num_shards(self) -> int:
         return (len(self.paths) + self.shard_size - 1) // self.shard_size
 
+    @cached_property
+    def shard_names(self) -> list[str]:
+        """What each shard's done-marker records: its slice of the path list."""
+        size, n = self.shard_size, len(self.paths)
+        return [f"images[{k * size}:{min(n, (k + 1) * size)}]" for k in range(self.num_shards)]
+
     def ids(self, k: int) -> list[str]:
         """The ids (recorded paths) of shard ``k``."""
         return self.paths[k * self.shard_size : (k + 1) * self.shard_size]
@@ -203,8 +233,30 @@ class ImageFiles:
             yield Record(path, self.root / path)
 
     def fingerprint(self) -> dict[str, Any]:
-        digest = hashlib.sha256("\n".join(self.paths).encode()).hexdigest()
+        """The whole path list: shards are slices of it, so another list is another run."""
+        digest = hashlib.sha256(json.dumps(self.paths).encode()).hexdigest()
         return {"kind": self.kind, "shard_size": self.shard_size, "paths": digest}
+
+
+def _tar_header_watch() -> type[tarfile.TarInfo]:
+    """A TarInfo class that remembers how reading the last header ended. ``tarfile`` stops
+    without a word, as at the end of the archive, when a tar is cut at a member boundary or a
+    later header is damaged; only an all-zero block (``EOFHeaderError``) is a real end."""
+
+    class Watched(tarfile.TarInfo):
+        last_error: Exception | None = None
+
+        @classmethod
+        def frombuf(cls, buf, encoding, errors):  # type: ignore[override]
+            try:
+                info = super().frombuf(buf, encoding, errors)
+            except tarfile.HeaderError as exc:
+                cls.last_error = exc
+                raise
+            cls.last_error = None
+            return info
+
+    return Watched
 
 
 @dataclass(frozen=True)
@@ -220,12 +272,10 @@ class TarShards:
     def num_shards(self) -> int:
         return len(self.files)
 
-    @property
-    def names(self) -> list[str]:
+    @cached_property
+    def shard_names(self) -> list[str]:
         """Each tar's path relative to the folder all of them share: the prefix of its ids."""
-        folders = [os.path.dirname(os.path.abspath(f)) for f in self.files]
-        common = os.path.commonpath(folders)
-        return [Path(os.path.relpath(os.path.abspath(f), common)).as_posix() for f in self.files]
+        return relative_names(self.files)
 
     @property
     def image_columns(self) -> tuple[str, ...]:
@@ -242,21 +292,38 @@ class TarShards:
         )
 
     def records(self, k: int) -> Iterator[Record]:
-        """The samples of tar ``k`` in tar order, grouped by key as Ray Data's reader does."""
-        name = self.names[k]
-        with tarfile.open(self.files[k], mode="r|*") as stream:
-            members = (
-                (member, stream.extractfile(member).read())
-                for member in stream
-                if member.isreg() and webdataset_key(member.name)[0] is not None
+        """The samples of tar ``k`` in tar order, grouped by key (``<key>.<suffix>`` members).
+
+        Raises:
+            UnreadableInputError: the tar is empty, not a tar, truncated, or a header in it is
+                damaged (the samples before it may have been yielded already).
+        """
+        path, name = self.files[k], self.shard_names[k]
+        watch = _tar_header_watch()
+        try:
+            with tarfile.open(path, mode="r|*", tarinfo=watch) as stream:
+                members = (
+                    (member, stream.extractfile(member).read())
+                    for member in stream
+                    if member.isreg() and webdataset_key(member.name)[0] is not None
+                )
+                grouped = itertools.groupby(members, key=lambda m: webdataset_key(m[0].name)[0])
+                for key, group in grouped:
+                    sample = {webdataset_key(m.name)[1]: data for m, data in group}
+                    yield Record(f"{name}/{key}", self.pick_image(sample))
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            raise UnreadableInputError(
+                f"{path} is not a readable tar file ({type(exc).__name__}: {exc})"
+            ) from exc
+        if not isinstance(watch.last_error, tarfile.EOFHeaderError):
+            raise UnreadableInputError(
+                f"{path} is truncated or damaged: it stops before its end-of-archive block "
+                f"({type(watch.last_error).__name__}: {watch.last_error})"
             )
-            grouped = itertools.groupby(members, key=lambda m: webdataset_key(m[0].name)[0])
-            for key, group in grouped:
-                sample = {webdataset_key(m.name)[1]: data for m, data in group}
-                yield Record(f"{name}/{key}", self.pick_image(sample))
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"kind": self.kind, "files": self.names, "image": self.image_suffix}
+        """How samples are read; which tars are not part of it (see the done-markers)."""
+        return {"kind": self.kind, "image": self.image_suffix}
 
 
 @dataclass(frozen=True)
@@ -272,11 +339,22 @@ class ParquetFiles:
     def num_shards(self) -> int:
         return len(self.files)
 
+    @cached_property
+    def shard_names(self) -> list[str]:
+        """Each file's path relative to the folder all of them share (null ids name it)."""
+        return relative_names(self.files)
+
     def check_columns(self) -> None:
-        """Raises ValueError naming a file that lacks the image or id column."""
+        """Raises ValueError naming a file that lacks the image or id column. A file whose schema
+        cannot be read is left to the run, which lists it as unreadable."""
         pq = pyarrow_parquet()
+        import pyarrow as pa
+
         for file in self.files:
-            names = pq.read_schema(file).names
+            try:
+                names = pq.read_schema(file).names
+            except (pa.ArrowException, OSError):
+                continue
             for column in (self.image_column, self.id_column):
                 if column not in names:
                     raise ValueError(
@@ -285,21 +363,46 @@ class ParquetFiles:
                     )
 
     def records(self, k: int) -> Iterator[Record]:
-        """The rows of file ``k``, in order, read a batch at a time."""
+        """The rows of file ``k``, in order, read a batch at a time; a null id becomes
+        ``<file>#<row>``.
+
+        Raises:
+            UnreadableInputError: the file is not a readable parquet file, or lacks a column
+                (the rows before the damage may have been yielded already).
+        """
         pq = pyarrow_parquet()
-        columns = [self.id_column, self.image_column]
-        for batch in pq.ParquetFile(self.files[k]).iter_batches(columns=columns):
-            ids, cells = (batch.column(c).to_pylist() for c in columns)
-            for record_id, cell in zip(ids, cells, strict=True):
-                data = image_bytes(cell)
-                yield Record(str(record_id), data if data is not None else self.missing())
+        import pyarrow as pa
+
+        path, columns, row, nulls = self.files[k], [self.id_column, self.image_column], 0, 0
+        try:
+            for batch in pq.ParquetFile(path).iter_batches(columns=columns):
+                ids, cells = (batch.column(c).to_pylist() for c in columns)
+                for record_id, cell in zip(ids, cells, strict=True):
+                    if record_id is None:
+                        nulls += 1
+                    data = image_bytes(cell)
+                    yield Record(
+                        f"{self.shard_names[k]}#{row}" if record_id is None else str(record_id),
+                        data if data is not None else self.missing(),
+                    )
+                    row += 1
+        except (pa.ArrowException, OSError, KeyError) as exc:
+            raise UnreadableInputError(
+                f"{path} is not a readable parquet file ({type(exc).__name__}: {exc})"
+            ) from exc
+        if nulls:
+            warnings.warn(
+                f"{path}: {nulls} null id(s) in column {self.id_column!r}, recorded as "
+                f"'{self.shard_names[k]}#<row>'",
+                stacklevel=2,
+            )
 
     def missing(self) -> MissingImageError:
         return MissingImageError(f"the {self.image_column!r} cell holds no encoded image")
 
     def fingerprint(self) -> dict[str, Any]:
-        names = [os.path.basename(f) for f in self.files]
-        return {"kind": self.kind, "files": names, "columns": [self.image_column, self.id_column]}
+        """How rows are read; which files are not part of it (see the done-markers)."""
+        return {"kind": self.kind, "columns": [self.image_column, self.id_column]}
 
 
 InputSource = ImageFiles | TarShards | ParquetFiles
@@ -330,6 +433,16 @@ def _kind_of(entries: list[str]) -> InputKind:
     return "files"
 
 
+def _refuse_repeats(entries: list[str]) -> None:
+    """Raises ValueError naming a file listed twice: its shard and ids would be ambiguous."""
+    seen: dict[str, str] = {}
+    for entry in entries:
+        key = os.path.abspath(entry)
+        if key in seen:
+            raise ValueError(f"{entry} is listed twice among the inputs (also as {seen[key]})")
+        seen[key] = entry
+
+
 def open_input(
     inputs: str | os.PathLike | Sequence[str | os.PathLike],
     *,
@@ -350,8 +463,8 @@ def open_input(
 
     Raises:
         FileNotFoundError: a folder, list file, tar or parquet file that does not exist.
-        ValueError: no images, a list mixing kinds, options that do not fit the input, or a
-            parquet file without the named columns.
+        ValueError: no images, a list mixing kinds, a tar or parquet file listed twice, options
+            that do not fit the input, or a parquet file without the named columns.
     """
     single = isinstance(inputs, str | os.PathLike)
     entries = [os.fspath(inputs)] if single else [os.fspath(p) for p in inputs]
@@ -366,6 +479,7 @@ def open_input(
     missing = [e for e in entries if not Path(e).is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} input file(s) do not exist, e.g. {missing[0]}")
+    _refuse_repeats(entries)
     if kind == "webdataset":
         if id_column is not None:
             raise ValueError("--id-column applies to parquet input; tar ids are <tar>/<key>")

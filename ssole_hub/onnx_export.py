@@ -15,9 +15,12 @@ photos, every output, raw (not normalised):
   photo's nearest neighbours among the photos stay the same (at least
   :data:`NEIGHBOUR_AGREEMENT_LIMIT`; measured from 5 photos on). Cosine alone let an int8 file
   through that lost 4 kNN points;
-- a file that misses a limit (``onnx``, ``onnx-int8``) is refused with the shortfall named, and
-  nothing is written; ``onnx-bf16`` runs the float32 file, so missing its limit only marks it
-  not passed, and ``auto`` does not pick it;
+- a file that misses a limit is refused with the shortfall named. When the float32 file
+  (``onnx``) misses, nothing is written (every backend derives from it). When only the int8 file
+  misses, the float32 file is written and the int8 refusal is recorded (``"written": false``,
+  its figures and shortfalls) and warned about (:class:`OnnxFileRefusedWarning`, with the ways
+  out). ``onnx-bf16`` runs the float32 file, so missing its limit only marks it not passed, and
+  ``auto`` does not pick it;
 - the measured figures go into ``ssole.json`` (``"onnx"``) and the model card, and
   :func:`~ssole_hub.onnx_backend.guarded_backends` reads them for ``backend="auto"``.
 """
@@ -31,7 +34,7 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +64,11 @@ __all__ = [
     "NEIGHBOUR_K",
     "OPSET",
     "SKIMAGE_PHOTOS",
+    "OnnxFileRefusedWarning",
     "export_onnx",
     "guard_photos",
     "neighbour_agreement",
+    "refusal_message",
 ]
 
 OPSET = 17
@@ -75,6 +80,12 @@ NEIGHBOUR_K = 10
 
 Calibration = str | os.PathLike | Sequence[str | os.PathLike]
 """A folder of photos, a text file of paths, or a list of photo paths."""
+
+
+class OnnxFileRefusedWarning(UserWarning):
+    """An ONNX file was refused by its fidelity check and not written, while the export went on
+    (the int8 file, when the float32 file passed). The message has the figures, the limits and
+    the ways out; ``ssole.json`` records the same figures."""
 
 
 class _Graph(nn.Module):
@@ -203,16 +214,14 @@ def _figures(
     return cosines, agreement
 
 
-def _guard(model: SSOLEModel, path: Path, backend: Backend, photos: torch.Tensor) -> dict[str, Any]:
-    """Measure ``backend`` on ``path`` against torch: the figures and whether they pass.
-
-    Raises:
-        ValueError: a file backend (``onnx``, ``onnx-int8``) misses a limit (names the shortfall).
-    """
+def _guard(
+    model: SSOLEModel, path: Path, backend: Backend, photos: torch.Tensor, limit: float
+) -> dict[str, Any]:
+    """Measure ``backend`` on ``path`` against torch: the figures, and whether they keep the
+    min-cosine ``limit`` and the neighbour-agreement limit (the shortfalls named if not)."""
     session = open_session(path, path.name, precision=PRECISIONS[backend])
     onnx_model = OnnxModel(session, backend, model.pretrained_cfg, path)
     cosines, agreement = _figures(model, onnx_model, photos)
-    limit = FIDELITY_LIMITS[backend]
     shortfalls = [
         f"min cosine to float32 torch on the {out} output is {value:.6f}, "
         f"{limit - value:.6f} below the limit {limit}"
@@ -224,11 +233,6 @@ def _guard(model: SSOLEModel, path: Path, backend: Backend, photos: torch.Tensor
         for out, value in agreement.items()
         if value < NEIGHBOUR_AGREEMENT_LIMIT
     ]
-    if shortfalls and backend in ONNX_FILES:
-        raise ValueError(
-            f"refusing to write {ONNX_FILES[backend]}: {'; '.join(shortfalls)} "
-            f"(on {len(photos)} photos)"
-        )
     return {
         "file": BACKEND_FILES[backend],
         "precision": onnx_model.precision,
@@ -241,42 +245,92 @@ def _guard(model: SSOLEModel, path: Path, backend: Backend, photos: torch.Tensor
     }
 
 
+def _check_limits(limits: Mapping[str, float] | None) -> dict[str, float]:
+    """:data:`FIDELITY_LIMITS` with ``limits`` over them.
+
+    Raises:
+        ValueError: an unknown backend, or a limit outside (0, 1].
+    """
+    merged = dict(FIDELITY_LIMITS)
+    for backend, limit in (limits or {}).items():
+        if backend not in FIDELITY_LIMITS:
+            raise ValueError(
+                f"no fidelity limit for backend {backend!r}; limits exist for "
+                f"{', '.join(FIDELITY_LIMITS)}"
+            )
+        if isinstance(limit, bool) or not isinstance(limit, int | float) or not 0 < limit <= 1:
+            raise ValueError(
+                f"the min-cosine limit of {backend} must be a number in (0, 1], got {limit!r}"
+            )
+        merged[backend] = float(limit)
+    return merged
+
+
+def refusal_message(folder: str | os.PathLike, record: Mapping[str, Any]) -> str | None:
+    """What to tell a user whose int8 file was refused (``record`` as :func:`export_onnx`
+    returns it): the file, the shortfalls with their figures and limits, what was written
+    instead, and the ways out. ``None`` when no file was refused."""
+    backends = record.get("backends") or {}
+    int8 = backends.get("onnx-int8") or {}
+    if int8.get("written") is not False:
+        return None
+    photos = record.get("guard_photos") or {}
+    usable = [b for b in ("onnx", "onnx-bf16") if (backends.get(b) or {}).get("passed")]
+    return (
+        f"{int8['file']} was refused and not written: {'; '.join(int8['shortfalls'])} (on "
+        f"{photos.get('count', '?')} {photos.get('source', '')} photos). {ONNX_FILES['onnx']} "
+        f"(float32) passed and was written: {'backends' if len(usable) > 1 else 'backend'} "
+        f"{' and '.join(usable)} can run it, and auto picks the fastest. For an int8 file, "
+        "calibrate on other or more photos, like the "
+        f"ones the model will embed: ssole-hub export --out {os.fspath(folder)} --onnx "
+        "--calibration PHOTOS (this replaces the folder's ONNX files); or leave out "
+        "--calibration to keep only the float32 file."
+    )
+
+
 def export_onnx(
-    folder: str | os.PathLike, *, calibration: Calibration | None = None
+    folder: str | os.PathLike,
+    *,
+    calibration: Calibration | None = None,
+    limits: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Write the ONNX files of an existing hub folder, each checked against float32 torch.
+
+    The folder's ``onnx/`` is replaced as a whole, so running it again on the same folder (say,
+    with other calibration photos) is the way to redo its ONNX files.
 
     Args:
         folder: a hub folder (as :func:`ssole_hub.export_hub_folder` writes).
         calibration: real photos (a folder, a text file of paths, or a list of paths) to
             calibrate ``onnx/model_int8.onnx`` on; without them only ``onnx/model.onnx`` is
             written (and any older int8 file removed). They are also the guard photos.
+        limits: min-cosine limits per backend (``"onnx"``, ``"onnx-bf16"``, ``"onnx-int8"``)
+            over :data:`~ssole_hub.onnx_backend.FIDELITY_LIMITS`, e.g. ``{"onnx-int8": 0.995}``
+            for a stricter int8 check; each in (0, 1].
 
     Returns:
-        The record written to ``ssole.json`` under ``"onnx"``: per backend its file, the
-        precision it ran at, its limits, min cosine and neighbour agreement per output, and
-        whether it passed; which photos the guard used; the runtime versions.
+        The record written to ``ssole.json`` under ``"onnx"``: per backend its file, whether
+        the file was written (``onnx``, ``onnx-int8``), the precision it ran at, its limits, min
+        cosine and neighbour agreement per output, whether it passed and, if not, its
+        shortfalls; which photos the guard used; the runtime versions.
+
+    Warns:
+        OnnxFileRefusedWarning: the int8 file missed a limit and was not written (the float32
+            file was); the message has the figures, the limits and the ways out.
 
     Raises:
         ImportError: onnx, onnxruntime or openvino is missing (the ``[onnx]`` extra).
-        ValueError: a file misses its fidelity limit (nothing is written), or no guard photos.
+        ValueError: the float32 file misses its fidelity limit (nothing is written), no guard
+            photos, or a bad ``limits`` entry.
         FileNotFoundError, HubFolderError: the folder is missing or invalid.
     """
     out = Path(folder)
+    checked_limits = _check_limits(limits)
     model = load_model(out, with_projector=None).float().eval()  # an SSOLEModel for a folder
     photos, source = guard_photos(model, calibration)
     tmp = Path(tempfile.mkdtemp(prefix=".onnx.", dir=out))
     try:
-        float_path = tmp / Path(ONNX_FILES["onnx"]).name
-        _export_float(model, float_path, photos.shape[1:])
-        record: dict[str, Any] = {"opset": OPSET, "backends": {}}
-        for backend in ("onnx", "onnx-bf16"):
-            record["backends"][backend] = _guard(model, float_path, backend, photos)
-        if calibration is not None:
-            int8_path = tmp / Path(ONNX_FILES["onnx-int8"]).name
-            _quantize(float_path, int8_path, photos)
-            record["backends"]["onnx-int8"] = _guard(model, int8_path, "onnx-int8", photos)
-            record["backends"]["onnx-int8"]["calibration_photos"] = len(photos)
+        record = _write_and_guard(model, tmp, photos, calibration is not None, checked_limits)
         record["guard_photos"] = {"source": source, "count": len(photos)}
         record["runtime"] = _versions()
         target = out / Path(ONNX_FILES["onnx"]).parent
@@ -287,7 +341,44 @@ def export_onnx(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _record(out, record)
+    message = refusal_message(out, record)
+    if message:
+        warnings.warn(message, OnnxFileRefusedWarning, stacklevel=2)
     return record
+
+
+def _write_and_guard(
+    model: SSOLEModel,
+    tmp: Path,
+    photos: torch.Tensor,
+    calibrate: bool,
+    limits: Mapping[str, float],
+) -> dict[str, Any]:
+    """Write the files into ``tmp`` and guard them; a refused int8 file is deleted there.
+
+    Raises:
+        ValueError: the float32 file misses a limit (names the shortfalls).
+    """
+    float_path = tmp / Path(ONNX_FILES["onnx"]).name
+    _export_float(model, float_path, photos.shape[1:])
+    backends: dict[str, dict[str, Any]] = {}
+    for backend in ("onnx", "onnx-bf16"):
+        backends[backend] = _guard(model, float_path, backend, photos, limits[backend])
+    if not backends["onnx"]["passed"]:
+        raise ValueError(
+            f"refusing to write {ONNX_FILES['onnx']}: {'; '.join(backends['onnx']['shortfalls'])}"
+            f" (on {len(photos)} photos); no ONNX file was written"
+        )
+    backends["onnx"]["written"] = True
+    if calibrate:
+        int8_path = tmp / Path(ONNX_FILES["onnx-int8"]).name
+        _quantize(float_path, int8_path, photos)
+        int8 = _guard(model, int8_path, "onnx-int8", photos, limits["onnx-int8"])
+        int8.update(written=int8["passed"], calibration_photos=len(photos))
+        if not int8["passed"]:
+            int8_path.unlink()
+        backends["onnx-int8"] = int8
+    return {"opset": OPSET, "backends": backends}
 
 
 def _versions() -> dict[str, str]:

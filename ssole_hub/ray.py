@@ -10,8 +10,10 @@ In your own Ray Data pipeline, three lines embed any dataset with an encoded-ima
 
 Each actor loads the model once, decodes through :func:`ssole_hub.images.decode_image` (size and
 pixel limits included) and preprocesses with the model's own transform, as everywhere else. The
-engine uses Ray Data's readers and actor pools as they are; the scheduling is Ray's. Ray is
-imported only here, and only when used: ``pip install 'ssole-hub[ray]'``.
+engine reads image files with Ray Data's ``read_binary_files``, and tars and parquet files with
+the plain engine's own readers in Ray tasks (one per file, so an unreadable file fails its shard
+only), and embeds in Ray Data actor pools; the scheduling is Ray's. Ray is imported only here,
+and only when used: ``pip install 'ssole-hub[ray]'``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import socket
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,18 +38,23 @@ from ssole_hub.extract_inputs import (
     MissingImageError,
     ParquetFiles,
     TarShards,
+    UnreadableInputError,
     error_entry,
     image_bytes,
+    input_error_entry,
 )
-from ssole_hub.extract_output import write_manifest, write_shard
+from ssole_hub.extract_output import write_failed_shard, write_manifest, write_shard
 from ssole_hub.extractor import FeatureExtractor, resolve_dtype
 from ssole_hub.models import Output
 
-__all__ = ["Embedder", "extract_with_ray", "require_ray"]
+__all__ = ["Embedder", "check_ray_address", "extract_with_ray", "require_ray"]
 
 CPUS_FOR_READING = 1
 """CPUs of each node the embedding actors leave unreserved, for Ray Data's listing and reading
 tasks (Ray's default of 1 CPU each; they only read bytes, the actors decode)."""
+
+CONNECT_TIMEOUT_S = 5.0
+"""How long :func:`check_ray_address` waits for the cluster's address to accept a connection."""
 
 
 def require_ray():
@@ -160,8 +168,32 @@ class Embedder:
 Locate = Callable[[dict[str, np.ndarray], int], tuple[int, str]]
 
 
-def _read(ray, source: InputSource, pending: list[int]) -> tuple[Any, Sequence[str], Locate]:
-    """Ray Data's reader for the pending shards, the image column(s), and (batch, row) ->
+def check_ray_address(address: str | None, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail fast when a Ray cluster's address (``HOST:PORT`` or ``ray://HOST:PORT``) does not
+    accept a TCP connection within ``timeout`` seconds: ``ray.init`` would retry for minutes.
+    ``None``, ``"auto"`` and ``"local"`` are left to Ray.
+
+    Raises:
+        ValueError: the address is not ``HOST:PORT``.
+        ConnectionError: nothing listens there.
+    """
+    if address is None or address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not (sep and host and port.isdigit()):
+        raise ValueError(f"the Ray address {address!r} is not HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+        raise ConnectionError(
+            f"cannot reach the Ray cluster at {address} ({reason}); is Ray running there "
+            "(ray start --head), and is the address right?"
+        ) from None
+
+
+def _read(ray, source: InputSource, pending: list[int], rows: int) -> tuple[Any, str, Locate]:
+    """Ray Data's dataset of the pending shards' records, its image column, and (batch, row) ->
     (shard, record id)."""
     if isinstance(source, ImageFiles):
         where = {}
@@ -170,43 +202,94 @@ def _read(ray, source: InputSource, pending: list[int]) -> tuple[Any, Sequence[s
                 where[os.path.abspath(source.root / record_id)] = (k, record_id)
         ds = ray.data.read_binary_files(list(where), include_paths=True, ignore_missing_paths=True)
         return ds, "bytes", lambda b, i: where[os.path.abspath(b["path"][i])]
-    shard_of = {os.path.abspath(source.files[k]): k for k in pending}
-    files = [source.files[k] for k in pending]
-    if isinstance(source, TarShards):
-        names = source.names
-        ds = ray.data.read_webdataset(files, decoder=None)
+    ds = ray.data.from_items([{"shard": k} for k in pending], override_num_blocks=len(pending))
+    ds = ds.map_batches(
+        _read_shards,
+        fn_kwargs={"source": source, "rows": rows},
+        batch_size=1,
+        batch_format="numpy",
+        ray_remote_args_fn=_reading_task_options,
+    )
+    return ds, "image", lambda b, i: (int(b["shard"][i]), str(b["id"][i]))
 
-        def locate_sample(b: dict[str, np.ndarray], i: int) -> tuple[int, str]:
-            k = shard_of[os.path.abspath(b["__url__"][i])]
-            return k, f"{names[k]}/{b['__key__'][i]}"
 
-        return ds, source.image_columns, locate_sample
-    assert isinstance(source, ParquetFiles)
-    ds = ray.data.read_parquet(files, include_paths=True)
-    ds = ds.select_columns([source.id_column, source.image_column, "path"])
+def _reading_task_options() -> dict[str, Any]:
+    """Reading tasks spread over the nodes, as Ray Data's readers do. (Given as a function, it
+    also keeps Ray Data from fusing them into the embedding actors when their resources match:
+    reading stays beside the actors, on the CPUs they leave for it, see ``CPUS_FOR_READING``.)"""
+    return {"scheduling_strategy": "SPREAD"}
 
-    def locate_row(b: dict[str, np.ndarray], i: int) -> tuple[int, str]:
-        return shard_of[os.path.abspath(b["path"][i])], str(b[source.id_column][i])
 
-    return ds, source.image_column, locate_row
+def _read_shards(
+    batch: dict[str, np.ndarray], source: TarShards | ParquetFiles, rows: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """A Ray task's reading: the records of the shards in ``batch`` (one, as the engine asks),
+    ``rows`` at a time, with the reader the plain engine uses. Columns: ``shard``, ``id``,
+    ``image`` (bytes; empty when the record has none), ``read_error`` and ``read_message`` (why a
+    record has no image, or why the whole input file could not be read: then ``input_failed`` is
+    true, and ``id`` is the file's path)."""
+    for k in (int(k) for k in batch["shard"]):
+        chunk: list[tuple[str, bytes, str, str, bool]] = []
+        try:
+            for record in source.records(k):
+                if isinstance(record.data, MissingImageError):
+                    chunk.append(
+                        (record.id, b"", type(record.data).__name__, str(record.data), False)
+                    )
+                else:
+                    chunk.append((record.id, record.data, "", "", False))
+                if len(chunk) == rows:
+                    yield _columns(k, chunk)
+                    chunk = []
+        except UnreadableInputError as exc:
+            chunk.append((source.files[k], b"", type(exc).__name__, str(exc), True))
+        if chunk:
+            yield _columns(k, chunk)
+
+
+def _columns(k: int, chunk: list[tuple[str, bytes, str, str, bool]]) -> dict[str, np.ndarray]:
+    ids, images, errors, messages, failed = zip(*chunk, strict=True)
+    image_column = np.empty(len(chunk), dtype=object)
+    image_column[:] = images
+    return {
+        "shard": np.full(len(chunk), k, np.int64),
+        "id": np.array(ids, dtype=object),
+        "image": image_column,
+        "read_error": np.array(errors, dtype=object),
+        "read_message": np.array(messages, dtype=object),
+        "input_failed": np.array(failed, dtype=bool),
+    }
 
 
 class _ShardRows:
-    """The embedded rows and errors of one shard, as they arrive from the actors."""
+    """The embedded rows and errors of one shard, as they arrive from the actors; ``failure``:
+    why the shard's input file could not be read."""
 
     def __init__(self) -> None:
         self.ids: list[str] = []
         self.rows: list[np.ndarray] = []
         self.errors: list[dict[str, str]] = []
         self.seen: list[str] = []
+        self.failure: dict[str, str] | None = None
 
-    def add(self, record_id: str, row: np.ndarray, error: str, message: str) -> None:
+    def add(self, record_id: str, row: np.ndarray | None, error: str, message: str) -> None:
         self.seen.append(record_id)
         if error:
             self.errors.append(error_entry(record_id, error, message))
         else:
             self.ids.append(record_id)
             self.rows.append(row)
+
+    def add_row(self, batch: dict[str, np.ndarray], i: int, record_id: str) -> None:
+        """Add row ``i`` of an embedded batch; the reader's verdict (``read_error``), when the
+        batch has one, comes before the actor's."""
+        if "read_error" in batch and batch["read_error"][i]:
+            if batch["input_failed"][i]:
+                self.failure = input_error_entry(record_id, batch["read_message"][i])
+            else:
+                self.add(record_id, None, batch["read_error"][i], batch["read_message"][i])
+        else:
+            self.add(record_id, batch["embedding"][i], batch["error"][i], batch["error_message"][i])
 
     def missing_files(self, expected: list[str]) -> None:
         """Files Ray's reader skipped (they do not exist) become errors, as in the plain engine."""
@@ -242,9 +325,28 @@ def _write_rows(
                 for skipped in pending[done : order[k]]:
                     write(skipped, rows if skipped == current else _ShardRows())
                 done, current, rows = order[k], k, _ShardRows()
-            rows.add(record_id, batch["embedding"][i], batch["error"][i], batch["error_message"][i])
+            rows.add_row(batch, i, record_id)
     for k in pending[done:]:
         write(k, rows if k == current else _ShardRows())
+
+
+def _shard_writer(
+    out: Path, source: InputSource, options: Options, run_fingerprint: str, dim: int
+) -> Callable[[int, _ShardRows], None]:
+    """``write(k, rows)``: write shard ``k`` from its rows as they came from the actors (a failed
+    one as failed; image files Ray's reader skipped as missing)."""
+
+    def write(k: int, shard: _ShardRows) -> None:
+        name, file_format = source.shard_names[k], options.file_format
+        if shard.failure is not None:
+            write_failed_shard(out, k, shard.failure, file_format, run_fingerprint, name=name)
+            return
+        if isinstance(source, ImageFiles):
+            shard.missing_files(source.ids(k))
+        emb = np.stack(shard.rows) if shard.rows else np.empty((0, dim), np.float32)
+        write_shard(out, k, shard.ids, emb, shard.errors, file_format, run_fingerprint, name=name)
+
+    return write
 
 
 def _worker_dtype(dtype: torch.dtype | str | None, gpus: float) -> str:
@@ -270,10 +372,12 @@ def extract_with_ray(
 ) -> dict[str, Any]:
     """The ``ray`` engine of :func:`ssole_hub.extract.extract_dataset` (call that instead).
 
-    Reads ``source`` with Ray Data's own reader, runs ``concurrency`` :class:`Embedder` actors
-    (``num_gpus_per_worker`` GPUs each) through ``map_batches`` and writes each finished shard
-    from this driver with the same writer, markers and manifest as the plain engine; finished
-    shards are skipped, so a killed run resumes with nothing kept by Ray.
+    Reads ``source`` in Ray tasks (image files with Ray Data's ``read_binary_files``; each tar
+    or parquet file with the plain engine's reader, so an unreadable one fails its own shard
+    only), runs ``concurrency`` :class:`Embedder` actors (``num_gpus_per_worker`` GPUs each)
+    through ``map_batches`` and writes each finished shard from this driver with the same
+    writer, markers and manifest as the plain engine; finished shards are skipped, so a killed
+    run resumes with nothing kept by Ray.
 
     Args:
         ray_address: the cluster to join (``ray.init(address=...)``); default: the one this
@@ -288,9 +392,12 @@ def extract_with_ray(
     Raises:
         ImportError: Ray is not installed.
         ValueError: bad resources (e.g. more GPUs per actor than any node has).
+        ConnectionError: nothing answers at ``ray_address`` (or ``RAY_ADDRESS``).
     """
     ray = require_ray()
     started = not ray.is_initialized()
+    if ray_address is not None or started:
+        check_ray_address(ray_address or os.environ.get("RAY_ADDRESS"))
     if started:
         ray.init(address=ray_address, include_dashboard=False)
     try:
@@ -301,21 +408,14 @@ def extract_with_ray(
         driver_load = {**load, "dtype": "float32", "compile": False}
         fx = FeatureExtractor.from_pretrained(model, device="cpu", **driver_load)
         run_fingerprint = fingerprint(fx, options, source)
-        pending = resumable_shards(out, list(range(source.num_shards)), options, run_fingerprint)
+        shards = list(range(source.num_shards))
+        pending = resumable_shards(out, shards, options, run_fingerprint, source)
         if pending:
             rows, locate = _embedded_rows(
                 ray, source, pending, model, options, load, actors, batch_size, progress
             )
-
-            def write(k: int, shard: _ShardRows) -> None:
-                if isinstance(source, ImageFiles):
-                    shard.missing_files(source.ids(k))
-                dim = fx.dims[options.output]
-                emb = np.stack(shard.rows) if shard.rows else np.empty((0, dim), np.float32)
-                write_shard(
-                    out, k, shard.ids, emb, shard.errors, options.file_format, run_fingerprint
-                )
-
+            dim = fx.dims[options.output]
+            write = _shard_writer(out, source, options, run_fingerprint, dim)
             _write_rows(rows, locate, pending, write)
         header = manifest_header(
             fx,
@@ -330,7 +430,7 @@ def extract_with_ray(
             threads_per_worker=actors.threads,
         )
         header["compute_dtype"] = _worker_dtype(load["dtype"], gpus)
-        return write_manifest(out, header, source.num_shards, options.file_format)
+        return write_manifest(out, header, source.shard_names, options.file_format)
     finally:
         if started:
             ray.shutdown()
@@ -350,7 +450,7 @@ def _embedded_rows(
     """The pending shards read by Ray Data's reader and embedded by a pool of :class:`Embedder`
     actors (``actors``: their GPUs, CPUs, threads and number), in input order; and how to find a
     row's shard and id."""
-    ds, columns, locate = _read(ray, source, pending)
+    ds, columns, locate = _read(ray, source, pending, batch_size)
     kwargs = {k: v for k, v in load.items() if k != "with_projector"}
     embedder = dict(
         model=model, image_column=columns, output=options.output, threads=actors.threads

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -166,107 +167,118 @@ class Config:
         Raises:
             ConfigError: naming the first bad key.
         """
-        positive = {
-            "epochs": self.epochs,
-            "data.batch_size": self.data.batch_size,
-            "views.size": self.views.size,
-            "keep_checkpoints": self.keep_checkpoints,
-            "log_every_steps": self.log_every_steps,
-            "max_nonfinite_steps": self.max_nonfinite_steps,
-            "model.projector_hidden": self.model.projector_hidden,
-            "model.projector_out": self.model.projector_out,
-            "model.projector_depth": self.model.projector_depth,
-            "knn.k": self.knn.k,
-            "knn.batch_size": self.knn.batch_size,
-            "data.synthetic_images": self.data.synthetic_images,
-            "data.synthetic_size": self.data.synthetic_size,
-        }
-        for key, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{key} must be >= 1, got {value}")
-        non_negative = {
-            "data.num_workers": self.data.num_workers,
-            "data.max_images": self.data.max_images,
-            "max_steps": self.max_steps,
-            "checkpoint_every_steps": self.checkpoint_every_steps,
-            "knn.every_epochs": self.knn.every_epochs,
-            "views.source_size": self.views.source_size,
-            "optim.lr": self.optim.lr,
-            "optim.final_lr": self.optim.final_lr,
-            "optim.weight_decay": self.optim.weight_decay,
-            "optim.warmup_epochs": self.optim.warmup_epochs,
-            "ssole_lambda": self.ssole_lambda,
-        }
-        for key, value in non_negative.items():
-            if value < 0:
-                raise ConfigError(f"{key} must be >= 0, got {value}")
-        if self.views.num_views < 2:
-            raise ConfigError(
-                f"views.num_views must be >= 2 (the objectives compare views), got {self.views.num_views}"
-            )
-        for key in ("flip_p", "color_jitter_p", "grayscale_p", "blur_p", "solarize_p"):
-            p = getattr(self.views, key)
-            if not 0.0 <= p <= 1.0:
-                raise ConfigError(f"views.{key} must be a probability in [0, 1], got {p}")
-        lo, hi = self.views.scale
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ConfigError(
-                f"views.scale must satisfy 0 < min <= max <= 1, got {self.views.scale}"
-            )
-        lo, hi = self.views.blur_sigma
-        if not 0.0 < lo <= hi:
-            raise ConfigError(
-                f"views.blur_sigma must satisfy 0 < min <= max, got {self.views.blur_sigma}"
-            )
-        if any(v < 0 for v in self.views.color_jitter) or self.views.color_jitter[3] > 0.5:
-            raise ConfigError(
-                f"views.color_jitter must be non-negative with hue <= 0.5, got {self.views.color_jitter}"
-            )
-        if any(s <= 0 for s in self.data.std):
-            raise ConfigError(f"data.std must be positive, got {self.data.std}")
-        if not 0.0 < self.data.eval_crop_pct <= 1.0:
-            raise ConfigError(
-                f"data.eval_crop_pct must be in (0, 1], got {self.data.eval_crop_pct}"
-            )
-        if not 0.0 <= self.ssole_gamma <= 1.0:
-            raise ConfigError(f"ssole_gamma must be in [0, 1], got {self.ssole_gamma}")
-        if not 0.0 <= self.optim.momentum < 1.0:
-            raise ConfigError(f"optim.momentum must be in [0, 1), got {self.optim.momentum}")
+        for key, minimum in _MINIMUMS.items():
+            value = _value_at(self, key)
+            if value < minimum:
+                raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+        for key, holds, requirement in _FIELD_RULES:
+            value = _value_at(self, key)
+            if not holds(value):
+                raise ConfigError(f"{key} {requirement}, got {value}")
+        self._check_combinations()
+        if self.method not in METHODS:  # the Literal above mirrors METHODS; keep them in step
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        _check_arch(self.model.arch)
+        return self
+
+    def _check_combinations(self) -> None:
+        """Check the values that are only wrong together with another one."""
         if self.optim.final_lr > self.optim.lr:
             raise ConfigError(
                 f"optim.final_lr ({self.optim.final_lr}) must not exceed optim.lr ({self.optim.lr})"
             )
-        if self.data.dataset == "folder" and not self.data.root:
+        folder = self.data.dataset == "folder"
+        if folder and not self.data.root:
             raise ConfigError("data.root must name an image folder when data.dataset is 'folder'")
         knn_on = self.knn.every_epochs or self.knn.at_start
-        if knn_on and self.data.dataset == "folder" and not self.data.val_root:
+        if knn_on and folder and not self.data.val_root:
             raise ConfigError(
                 "the kNN monitor needs a labelled held-out folder: set data.val_root, "
                 "or knn.every_epochs=0 and knn.at_start=false"
             )
-        if (
-            self.views.backend == "batch"
-            and self.data.dataset == "folder"
-            and not self.views.source_size
-        ):
+        if self.views.backend == "batch" and folder and not self.views.source_size:
             raise ConfigError(
                 "views.backend=batch on an image folder needs views.source_size (e.g. 256) so "
                 "that images of different sizes can be batched"
             )
-        if self.method not in METHODS:  # the Literal above mirrors METHODS; keep them in step
-            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        try:
-            import timm
 
-            known = timm.is_model(self.model.arch)
-        except ImportError:  # pragma: no cover - timm is a hard dependency
-            known = True
-        if not known:
-            import ssole_hub  # noqa: F401 - registers ssole_resnet* with timm
 
-            if not timm.is_model(self.model.arch):
-                raise ConfigError(f"model.arch {self.model.arch!r} is not a timm model name")
-        return self
+# The least value of each numeric key (1: a count or size, 0: a rate, a limit or "off").
+_MINIMUMS: dict[str, int] = {
+    "epochs": 1,
+    "data.batch_size": 1,
+    "views.size": 1,
+    "keep_checkpoints": 1,
+    "log_every_steps": 1,
+    "max_nonfinite_steps": 1,
+    "model.projector_hidden": 1,
+    "model.projector_out": 1,
+    "model.projector_depth": 1,
+    "knn.k": 1,
+    "knn.batch_size": 1,
+    "data.synthetic_images": 1,
+    "data.synthetic_size": 1,
+    "data.num_workers": 0,
+    "data.max_images": 0,
+    "max_steps": 0,
+    "checkpoint_every_steps": 0,
+    "knn.every_epochs": 0,
+    "views.source_size": 0,
+    "optim.lr": 0,
+    "optim.final_lr": 0,
+    "optim.weight_decay": 0,
+    "optim.warmup_epochs": 0,
+    "ssole_lambda": 0,
+}
+
+
+def _is_probability(p: float) -> bool:
+    return 0.0 <= p <= 1.0
+
+
+# Per key: the rule its value must hold, and the rule in words (``"<key> <words>, got <value>"``).
+_FIELD_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("views.num_views", lambda n: n >= 2, "must be >= 2 (the objectives compare views)"),
+    ("views.flip_p", _is_probability, "must be a probability in [0, 1]"),
+    ("views.color_jitter_p", _is_probability, "must be a probability in [0, 1]"),
+    ("views.grayscale_p", _is_probability, "must be a probability in [0, 1]"),
+    ("views.blur_p", _is_probability, "must be a probability in [0, 1]"),
+    ("views.solarize_p", _is_probability, "must be a probability in [0, 1]"),
+    ("views.scale", lambda s: 0.0 < s[0] <= s[1] <= 1.0, "must satisfy 0 < min <= max <= 1"),
+    ("views.blur_sigma", lambda s: 0.0 < s[0] <= s[1], "must satisfy 0 < min <= max"),
+    (
+        "views.color_jitter",
+        lambda jitter: not any(v < 0 for v in jitter) and not jitter[3] > 0.5,
+        "must be non-negative with hue <= 0.5",
+    ),
+    ("data.std", lambda std: not any(s <= 0 for s in std), "must be positive"),
+    ("data.eval_crop_pct", lambda p: 0.0 < p <= 1.0, "must be in (0, 1]"),
+    ("ssole_gamma", _is_probability, "must be in [0, 1]"),
+    ("optim.momentum", lambda m: 0.0 <= m < 1.0, "must be in [0, 1)"),
+)
+
+
+def _value_at(cfg: Config, key: str) -> Any:
+    """The value of a dotted key (``optim.lr``) in ``cfg``."""
+    value: Any = cfg
+    for name in key.split("."):
+        value = getattr(value, name)
+    return value
+
+
+def _check_arch(arch: str) -> None:
+    """Refuse an ``arch`` that timm does not know, ``ssole_hub``'s registered models included."""
+    try:
+        import timm
+
+        known = timm.is_model(arch)
+    except ImportError:  # pragma: no cover - timm is a hard dependency
+        known = True
+    if not known:
+        import ssole_hub  # noqa: F401 - registers ssole_resnet* with timm
+
+        if not timm.is_model(arch):
+            raise ConfigError(f"model.arch {arch!r} is not a timm model name")
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -215,19 +215,44 @@ def run_demo(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--out", default="demo_out", type=Path, help="where the run, hub folder and examples go"
+    p = argparse.ArgumentParser(
+        prog="python -m training.demo",
+        description="The end-to-end demo behind make demo: pre-train an SSOLE ResNet-18 on an "
+        "embedded dataset, evaluate it (kNN against random init and raw pixels), export it as a "
+        "hub folder with its model card, print copy-paste examples and serve it until Ctrl-C. A "
+        "second run reuses the trained checkpoint.",
     )
-    p.add_argument("--dataset", choices=sorted(CONFIGS), default="digits")
+    p.add_argument(
+        "--out",
+        default="demo_out",
+        type=Path,
+        help="where the run, hub folder and examples go (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dataset",
+        choices=sorted(CONFIGS),
+        default="digits",
+        help="embedded dataset to train and evaluate on (fashion-mnist needs the Debian package "
+        "dataset-fashion-mnist; default: %(default)s)",
+    )
     p.add_argument("--retrain", action="store_true", help="train again even if a checkpoint exists")
     p.add_argument("--no-serve", action="store_true", help="stop after export instead of serving")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
     p.add_argument(
-        "--eval-limit", type=int, default=None, help="evaluate on at most this many images"
+        "--host", default="127.0.0.1", help="address the server binds (default: %(default)s)"
     )
-    p.add_argument("overrides", nargs="*", help="training config overrides, key=value")
+    p.add_argument(
+        "--port", type=int, default=8000, help="port the server binds (default: %(default)s)"
+    )
+    p.add_argument(
+        "--eval-limit",
+        type=int,
+        default=None,
+        help="evaluate on at most this many images (default: all of digits, 10000 of "
+        "fashion-mnist)",
+    )
+    p.add_argument(
+        "overrides", nargs="*", help="training config overrides, key=value (e.g. epochs=2)"
+    )
     return p
 
 

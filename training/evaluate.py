@@ -144,40 +144,82 @@ def evaluate_features(
     """
     protocols = _check_protocols(protocols)
     device = resolve_device(device)
+    train, test = (train_features, train_labels), (test_features, test_labels)
     results: dict[str, Any] = {}
     if "knn" in protocols:
-        top1 = knn_top1(
-            train_features.to(device),
-            train_labels,
-            test_features.to(device),
-            test_labels,
-            k,
-            temperature,
-        )
-        results["knn"] = {"top1": round(top1, 3), "k": k, "T": temperature}
+        results["knn"] = _knn_result(train, test, k, temperature, device)
     if "linear" in protocols:
-        lr = 0.3 * probe_batch_size / 256 if probe_lr is None else probe_lr
-        top1 = linear_probe_top1(
-            probe_train_features or train_features,
-            train_labels,
-            test_features,
-            test_labels,
+        results["linear"] = _linear_probe_result(
+            train,
+            test,
+            probe_train_features,
             epochs=probe_epochs,
             batch_size=probe_batch_size,
-            lr=lr,
+            lr=0.3 * probe_batch_size / 256 if probe_lr is None else probe_lr,
             device=device,
             progress=progress,
         )
-        results["linear"] = {
-            "top1": round(top1, 3),
-            "epochs": probe_epochs,
-            "batch_size": probe_batch_size,
-            "lr": lr,
-            "augment": probe_train_features is not None,
-        }
     if "rankme" in protocols:
         results["rankme"] = round(rankme(train_features.to(device)), 3)
     return results
+
+
+_LabelledFeatures = tuple[torch.Tensor, torch.Tensor]
+"""``(n, d)`` features and their ``(n,)`` class indices."""
+
+
+def _knn_result(
+    train: _LabelledFeatures,
+    test: _LabelledFeatures,
+    k: int,
+    temperature: float,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The ``knn`` protocol's part of the results."""
+    (train_features, train_labels), (test_features, test_labels) = train, test
+    top1 = knn_top1(
+        train_features.to(device),
+        train_labels,
+        test_features.to(device),
+        test_labels,
+        k,
+        temperature,
+    )
+    return {"top1": round(top1, 3), "k": k, "T": temperature}
+
+
+def _linear_probe_result(
+    train: _LabelledFeatures,
+    test: _LabelledFeatures,
+    augmented_train_features: Callable[[int], torch.Tensor] | None,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    device: torch.device,
+    progress: bool,
+) -> dict[str, Any]:
+    """The ``linear`` protocol's part of the results; the probe trains on
+    ``augmented_train_features`` (per epoch) when given, else on ``train``'s features."""
+    (train_features, train_labels), (test_features, test_labels) = train, test
+    top1 = linear_probe_top1(
+        augmented_train_features or train_features,
+        train_labels,
+        test_features,
+        test_labels,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        device=device,
+        progress=progress,
+    )
+    return {
+        "top1": round(top1, 3),
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "augment": augmented_train_features is not None,
+    }
 
 
 def evaluate_backbone(
@@ -214,14 +256,7 @@ def evaluate_backbone(
     device = resolve_device(device)
 
     def loader(dataset: Dataset) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=num_workers,
-            pin_memory=device.type == "cuda",
-            persistent_workers=num_workers > 0,
-        )
+        return _feature_loader(dataset, batch_size, num_workers, device)
 
     fx = FeatureExtractor(backbone, device=device)
     train_features, train_labels = extract_features(
@@ -232,11 +267,7 @@ def evaluate_backbone(
     )
     probe_train_features = None
     if augmented_train_set is not None and "linear" in protocols:
-        augmented = loader(augmented_train_set)
-
-        def probe_train_features(epoch: int) -> torch.Tensor:
-            return extract_features(fx, augmented, device, f"augmented epoch {epoch}", False)[0]
-
+        probe_train_features = _per_epoch_features(fx, loader(augmented_train_set), device)
     return {
         "train_samples": int(train_features.shape[0]),
         "test_samples": int(test_features.shape[0]),
@@ -253,6 +284,31 @@ def evaluate_backbone(
             **protocol_kwargs,
         ),
     }
+
+
+def _feature_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, device: torch.device
+) -> DataLoader:
+    """A loader over ``dataset`` in order, for feature extraction."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=num_workers > 0,
+    )
+
+
+def _per_epoch_features(
+    fx: FeatureExtractor, augmented: DataLoader, device: torch.device
+) -> Callable[[int], torch.Tensor]:
+    """``epoch -> features`` of a fresh pass over the augmented train set's ``loader``."""
+
+    def features_of_epoch(epoch: int) -> torch.Tensor:
+        return extract_features(fx, augmented, device, f"augmented epoch {epoch}", False)[0]
+
+    return features_of_epoch
 
 
 def _evenly_spaced(dataset: Dataset, limit: int | None) -> Dataset:
@@ -376,22 +432,26 @@ def evaluate(
         progress=progress,
         **protocol_kwargs,
     )
-    if not isinstance(model, str):
-        name = type(model).__name__
-    elif Path(model.removeprefix("local-dir:")).exists():
-        name = Path(model.removeprefix("local-dir:")).name  # results name no machine's paths
-    else:
-        name = model
     random_init = isinstance(model, str) and not pretrained
     return {
         # A baseline must never pass for the model's own results, wherever the JSON goes.
-        "model": f"{name} (random init)" if random_init else name,
+        "model": f"{_model_name(model)} (random init)" if random_init else _model_name(model),
         "random_init": random_init,
         "dataset": dataset if data_path is None else f"{dataset}:{Path(data_path).name}",
         "preprocessing": resolve_preprocessing(backbone).config,
         **results,
         "seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def _model_name(model: str | nn.Module) -> str:
+    """The model as the results name it: its name, a local folder's name (no machine's paths),
+    or a loaded module's class name."""
+    if not isinstance(model, str):
+        return type(model).__name__
+    if Path(model.removeprefix("local-dir:")).exists():
+        return Path(model.removeprefix("local-dir:")).name
+    return model
 
 
 def format_table(results: dict[str, Any]) -> str:

@@ -109,11 +109,7 @@ def train_linear_probe(
     Raises:
         ValueError: on empty, mismatched or non-finite inputs, negative labels or bad settings.
     """
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
-    lr = 0.3 * batch_size / 256 if lr is None else lr
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive number, got {lr}")
+    lr = _checked_lr(epochs, batch_size, lr)
     epoch_features: EpochFeatures = (
         train_features if callable(train_features) else (lambda _epoch: train_features)
     )
@@ -135,28 +131,59 @@ def train_linear_probe(
 
     generator = torch.Generator().manual_seed(seed)
     probe.train()
-    # In a log file (not a terminal) every redraw is another line: redraw rarely there.
-    redraw_s = 0.1 if sys.stderr.isatty() else 60.0
-    bar = tqdm(
-        range(epochs), desc="linear probe", unit="epoch", disable=not progress, mininterval=redraw_s
-    )
+    bar = _epoch_bar(epochs, progress)
     for epoch in bar:
         if epoch > 0 and callable(train_features):
             features = epoch_features(epoch).float().to(device)
             _check_features("train", features, train_labels)
         order = torch.randperm(features.shape[0], generator=generator).to(device)
-        total = torch.zeros((), device=device)
         with _one_cpu_thread(device):
-            for start in range(0, features.shape[0], batch_size):
-                idx = order[start : start + batch_size]
-                loss = F.cross_entropy(probe(features[idx]), labels[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                total += loss.detach() * idx.numel()
-        bar.set_postfix(loss=f"{float(total) / features.shape[0]:.4f}", refresh=False)
+            loss = _train_epoch(probe, optimizer, scheduler, features, labels, order, batch_size)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
     return probe.eval()
+
+
+def _checked_lr(epochs: int, batch_size: int, lr: float | None) -> float:
+    """The learning rate (``lr``, or the protocol's ``0.3 * batch_size / 256``), once the settings
+    are checked."""
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    lr = 0.3 * batch_size / 256 if lr is None else lr
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr}")
+    return lr
+
+
+def _epoch_bar(epochs: int, progress: bool) -> tqdm:
+    """A progress bar over the epochs; in a log file (not a terminal) every redraw is another
+    line, so it redraws rarely there."""
+    redraw_s = 0.1 if sys.stderr.isatty() else 60.0
+    return tqdm(
+        range(epochs), desc="linear probe", unit="epoch", disable=not progress, mininterval=redraw_s
+    )
+
+
+def _train_epoch(
+    probe: LinearProbe,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    order: torch.Tensor,
+    batch_size: int,
+) -> float:
+    """One pass over ``features`` in ``order``, one SGD and schedule step per mini-batch; returns
+    the epoch's mean loss."""
+    total = torch.zeros((), device=features.device)
+    for start in range(0, features.shape[0], batch_size):
+        idx = order[start : start + batch_size]
+        loss = F.cross_entropy(probe(features[idx]), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += loss.detach() * idx.numel()
+    return float(total) / features.shape[0]
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -201,65 +202,26 @@ def build_loader(cfg: Config, ctx: DistributedContext) -> tuple[DataLoader, Resu
 
 
 def _train(cfg: Config, ctx: DistributedContext) -> Path:
+    """Set up, resume, train epoch by epoch with a checkpoint after each; returns the final
+    checkpoint's path (with ``max_steps``, the one written where the run stopped)."""
+    # --- set-up: data, model and optimiser, where a resumed run stands, log and monitor
     run_dir = run_dir_of(cfg)
-    ckpt_dir = run_dir / "checkpoints"
     loader, sampler = build_loader(cfg, ctx)
     trainer = Trainer(cfg, ctx, sampler.steps_per_epoch)
-    pretrained_cfg = training_pretrained_cfg(cfg)
-    evaluation: dict[str, Any] = {}
-
-    epoch, step_in_epoch = 0, 0
-    state = _resume_state(cfg, ckpt_dir)
-    if state is not None:
-        trainer.load_state_dict(state)
-        epoch, step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
-        evaluation = dict(state.get("metadata", {}).get("evaluation", {}))
-        if state.get("world_size") != ctx.world_size:
-            print(
-                f"warning: checkpoint was written by {state.get('world_size')} process(es), this "
-                f"run has {ctx.world_size}; the data order from here on differs from the original",
-                file=sys.stderr,
-            )
-        del state
-
+    progress = _resume(cfg, ctx, trainer, run_dir / "checkpoints")
     log = RunLog(run_dir) if ctx.is_main else None
     if ctx.is_main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     knn = (
-        KnnMonitor(cfg, pretrained_cfg, ctx.device)
+        KnnMonitor(cfg, training_pretrained_cfg(cfg), ctx.device)
         if ctx.is_main and (cfg.knn.every_epochs or cfg.knn.at_start)
         else None
     )
-
-    def save(path: Path) -> Path:
-        # Collective (RNG states of every rank); only rank 0 writes.
-        meta = _metadata(cfg, {"global_step": trainer.global_step, "evaluation": evaluation})
-        full = trainer.state_dict(epoch, step_in_epoch, meta)
-        if ctx.is_main:
-            save_atomic(full, path)
-        ctx.barrier()
-        return path
-
-    def save_step() -> Path:
-        path = save(ckpt_dir / checkpoint_name(trainer.global_step))
-        if ctx.is_main:
-            prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
-        return path
-
-    def measure_knn(tag: str) -> None:
-        if knn is not None:
-            acc = knn(trainer.encoder.backbone)
-            evaluation["knn_top1"] = acc
-            log.log("knn", trainer.global_step, epoch=epoch, knn_top1=acc, when=tag)
-            tqdm.write(f"kNN top-1 ({tag}, step {trainer.global_step}): {acc:.2f}%")
-        ctx.barrier()
-
+    training_run = _TrainingRun(cfg, ctx, trainer, progress, log, knn)
     if cfg.knn.at_start and trainer.global_step == 0:
-        measure_knn("random init")
+        training_run.measure_knn("random init")
 
-    images_per_step = cfg.data.batch_size * ctx.world_size
-    last_path: Path | None = None
-    stop = False
+    # --- the loop: an epoch, then the kNN monitor when due and a checkpoint
     bar = tqdm(
         total=trainer.total_steps,
         initial=trainer.global_step,
@@ -268,37 +230,15 @@ def _train(cfg: Config, ctx: DistributedContext) -> Path:
         desc=f"{cfg.method} {cfg.run_name}",
     )
     try:
-        while epoch < cfg.epochs and not stop:
-            sampler.set_epoch(epoch, step_in_epoch)
-            t_log, steps_since_log = time.perf_counter(), 0
-            for batch in loader:
-                out = trainer.step(trainer.prepare(batch))
-                step_in_epoch += 1
-                steps_since_log += 1
-                bar.update(1)
-                if out["skipped"] and log is not None:
-                    log.log("nonfinite", trainer.global_step, total=trainer.nonfinite_total)
-                if trainer.global_step % cfg.log_every_steps == 0 or step_in_epoch == 1:
-                    now = time.perf_counter()
-                    ips = images_per_step * steps_since_log / max(now - t_log, 1e-9)
-                    t_log, steps_since_log = now, 0
-                    if log is not None:
-                        _log_step(log, bar, trainer, out, epoch, ips)
-                stop = bool(cfg.max_steps) and trainer.global_step >= cfg.max_steps
-                if stop or (
-                    cfg.checkpoint_every_steps
-                    and trainer.global_step % cfg.checkpoint_every_steps == 0
-                    and step_in_epoch < sampler.steps_per_epoch
-                ):
-                    last_path = save_step()
-                if stop:
-                    break
-            if stop:
-                break
-            epoch, step_in_epoch = epoch + 1, 0
-            if cfg.knn.every_epochs and (epoch % cfg.knn.every_epochs == 0 or epoch == cfg.epochs):
-                measure_knn(f"epoch {epoch}")
-            last_path = save_step()
+        while progress.epoch < cfg.epochs:
+            stopped_at = training_run.train_epoch(loader, sampler, bar)
+            if stopped_at is not None:
+                return stopped_at  # max_steps reached: that step's checkpoint ends the run
+            progress.epoch, progress.step_in_epoch = progress.epoch + 1, 0
+            epoch, every = progress.epoch, cfg.knn.every_epochs
+            if every and (epoch % every == 0 or epoch == cfg.epochs):
+                training_run.measure_knn(f"epoch {epoch}")
+            training_run.save_step()
     except NonFiniteLossError:
         if log is not None:
             log.log("abort", trainer.global_step, nonfinite_total=trainer.nonfinite_total)
@@ -307,9 +247,128 @@ def _train(cfg: Config, ctx: DistributedContext) -> Path:
         bar.close()
         if log is not None:
             log.close()
-    if stop:
-        return last_path  # type: ignore[return-value]
-    return save(run_dir / FINAL_NAME)
+
+    # --- the final checkpoint
+    return training_run.save(run_dir / FINAL_NAME)
+
+
+@dataclass
+class _Progress:
+    """Where a run stands: its epoch, the steps done in that epoch, and its latest evaluation."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    evaluation: dict[str, Any] = field(default_factory=dict)
+
+
+def _resume(cfg: Config, ctx: DistributedContext, trainer: Trainer, ckpt_dir: Path) -> _Progress:
+    """Load the checkpoint to resume from, if any, into ``trainer``; returns where it stood."""
+    state = _resume_state(cfg, ckpt_dir)
+    if state is None:
+        return _Progress()
+    trainer.load_state_dict(state)
+    if state.get("world_size") != ctx.world_size:
+        print(
+            f"warning: checkpoint was written by {state.get('world_size')} process(es), this "
+            f"run has {ctx.world_size}; the data order from here on differs from the original",
+            file=sys.stderr,
+        )
+    return _Progress(
+        int(state["epoch"]),
+        int(state["step_in_epoch"]),
+        dict(state.get("metadata", {}).get("evaluation", {})),
+    )
+
+
+class _TrainingRun:
+    """The steps of one epoch, the kNN monitor and the checkpoints of a run in progress.
+
+    ``log`` and ``knn`` are ``None`` on every rank but the main one.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        ctx: DistributedContext,
+        trainer: Trainer,
+        progress: _Progress,
+        log: RunLog | None,
+        knn: KnnMonitor | None,
+    ) -> None:
+        self.cfg, self.ctx, self.trainer, self.progress = cfg, ctx, trainer, progress
+        self.log, self.knn = log, knn
+        self.ckpt_dir = run_dir_of(cfg) / "checkpoints"
+        self.images_per_step = cfg.data.batch_size * ctx.world_size
+
+    def train_epoch(self, loader: DataLoader, sampler: ResumableSampler, bar: tqdm) -> Path | None:
+        """Train the rest of the current epoch, logging and checkpointing as configured.
+
+        Returns:
+            The checkpoint written when the run reached ``max_steps`` (the run stops there), or
+            ``None`` when the epoch ran to its end.
+        """
+        cfg, trainer, progress = self.cfg, self.trainer, self.progress
+        sampler.set_epoch(progress.epoch, progress.step_in_epoch)
+        t_log, steps_since_log = time.perf_counter(), 0
+        for batch in loader:
+            out = trainer.step(trainer.prepare(batch))
+            progress.step_in_epoch += 1
+            steps_since_log += 1
+            bar.update(1)
+            if out["skipped"] and self.log is not None:
+                self.log.log("nonfinite", trainer.global_step, total=trainer.nonfinite_total)
+            if trainer.global_step % cfg.log_every_steps == 0 or progress.step_in_epoch == 1:
+                now = time.perf_counter()
+                ips = self.images_per_step * steps_since_log / max(now - t_log, 1e-9)
+                t_log, steps_since_log = now, 0
+                if self.log is not None:
+                    _log_step(self.log, bar, trainer, out, progress.epoch, ips)
+            if cfg.max_steps and trainer.global_step >= cfg.max_steps:
+                return self.save_step()
+            if self._step_checkpoint_due(sampler.steps_per_epoch):
+                self.save_step()
+        return None
+
+    def _step_checkpoint_due(self, steps_per_epoch: int) -> bool:
+        """Whether ``checkpoint_every_steps`` asks for a checkpoint now (the end of an epoch has
+        its own)."""
+        every = self.cfg.checkpoint_every_steps
+        return bool(
+            every
+            and self.trainer.global_step % every == 0
+            and self.progress.step_in_epoch < steps_per_epoch
+        )
+
+    def save(self, path: Path) -> Path:
+        """Write the full training checkpoint to ``path``. Collective (the RNG states of every
+        rank are gathered); only the main rank writes."""
+        progress = self.progress
+        meta = _metadata(
+            self.cfg,
+            {"global_step": self.trainer.global_step, "evaluation": progress.evaluation},
+        )
+        full = self.trainer.state_dict(progress.epoch, progress.step_in_epoch, meta)
+        if self.ctx.is_main:
+            save_atomic(full, path)
+        self.ctx.barrier()
+        return path
+
+    def save_step(self) -> Path:
+        """A step checkpoint under ``checkpoints/``, pruned to the newest ``keep_checkpoints``."""
+        path = self.save(self.ckpt_dir / checkpoint_name(self.trainer.global_step))
+        if self.ctx.is_main:
+            prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
+        return path
+
+    def measure_knn(self, tag: str) -> None:
+        """Run the kNN monitor (main rank), log and keep its accuracy; every rank waits for it."""
+        if self.knn is not None:
+            step = self.trainer.global_step
+            acc = self.knn(self.trainer.encoder.backbone)
+            self.progress.evaluation["knn_top1"] = acc
+            self.log.log("knn", step, epoch=self.progress.epoch, knn_top1=acc, when=tag)
+            tqdm.write(f"kNN top-1 ({tag}, step {step}): {acc:.2f}%")
+        self.ctx.barrier()
 
 
 def _log_step(

@@ -87,35 +87,16 @@ class Trainer:
 
     def __init__(self, cfg: Config, ctx: DistributedContext, steps_per_epoch: int) -> None:
         self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
-        # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
-        torch.manual_seed(cfg.seed)
-        m = cfg.model
-        backbone = timm.create_model(m.arch, num_classes=0)
-        projector = SSOLEProjector(
-            backbone.num_features, m.projector_hidden, m.projector_out, m.projector_depth,
-            m.projector_batch_norm,
-        )  # fmt: skip
-        encoder: nn.Module = SSOLEModel(backbone, projector)
         # PyTorch's SyncBatchNorm runs on GPUs only; CPU ranks keep per-rank statistics.
-        self.sync_batchnorm = ctx.distributed and m.sync_batchnorm and self.device.type == "cuda"
-        if self.sync_batchnorm:
-            encoder = nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
-        encoder.to(self.device)
-        if m.channels_last:
-            encoder.to(memory_format=torch.channels_last)
-        self.encoder = encoder
-        self.projector_config = projector.config
-        model: nn.Module = encoder
-        if ctx.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            model = DistributedDataParallel(encoder, device_ids=ids)
-        if m.compile:
-            model = torch.compile(model)
-        self.model = model
+        self.sync_batchnorm = (
+            ctx.distributed and cfg.model.sync_batchnorm and self.device.type == "cuda"
+        )
+        self.encoder, self.projector_config = self._build_encoder()
+        self.model = self._wrap_for_training(self.encoder)
 
         self.precision = resolve_precision(cfg.precision, self.device)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        self.optimizer = build_optimizer(encoder, cfg.optim)
+        self.optimizer = build_optimizer(self.encoder, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.objective = build_objective(
             cfg.method, cfg.ssole_lambda, cfg.ssole_gamma, gather=ctx.distributed
@@ -134,6 +115,35 @@ class Trainer:
         self.global_step = 0
         self.nonfinite_total = 0
         self.nonfinite_in_a_row = 0
+
+    def _build_encoder(self) -> tuple[nn.Module, dict[str, Any]]:
+        """The encoder (timm backbone + SSOLE projector) on the device, and the projector's
+        config."""
+        # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
+        torch.manual_seed(self.cfg.seed)
+        m = self.cfg.model
+        backbone = timm.create_model(m.arch, num_classes=0)
+        projector = SSOLEProjector(
+            backbone.num_features, m.projector_hidden, m.projector_out, m.projector_depth,
+            m.projector_batch_norm,
+        )  # fmt: skip
+        encoder: nn.Module = SSOLEModel(backbone, projector)
+        if self.sync_batchnorm:
+            encoder = nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
+        encoder.to(self.device)
+        if m.channels_last:
+            encoder.to(memory_format=torch.channels_last)
+        return encoder, projector.config
+
+    def _wrap_for_training(self, encoder: nn.Module) -> nn.Module:
+        """``encoder`` in DDP when several processes train, compiled when configured."""
+        model = encoder
+        if self.ctx.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(encoder, device_ids=ids)
+        if self.cfg.model.compile:
+            model = torch.compile(model)
+        return model
 
     # --- one step ---------------------------------------------------------------------------
 

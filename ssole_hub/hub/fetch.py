@@ -15,6 +15,10 @@ untouched (``hf_hub_download`` falls back to them by itself, without retrying).
 
 The ``ssole_resnet*`` timm builders call :func:`require_pretrained_weights`, so plain
 ``timm.create_model("ssole_resnet50", pretrained=True)`` fails the same way.
+``import ssole_hub`` also calls :func:`fail_fast_timm_downloads`, which puts the same single
+lookup in front of the one function timm downloads Hub files with, so
+``timm.create_model("hf-hub:ORG/NAME", pretrained=True)`` (and any other timm Hub download)
+fails at once too, with :class:`HubUnavailableError`.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ __all__ = [
     "Fetch",
     "HubUnavailableError",
     "check_repo_id",
+    "fail_fast_timm_downloads",
     "fetch_hub_file",
     "hub_fetch",
     "local_fetch",
@@ -192,3 +197,42 @@ def require_pretrained_weights(pretrained_cfg: Mapping[str, Any], cache_dir: Any
     require_hub_file(
         repo_id, filename, revision or None, os.fspath(cache_dir) if cache_dir else None
     )
+
+
+class _TimmHubUnavailableError(HubUnavailableError, EntryNotFoundError):
+    """:class:`HubUnavailableError` as timm's downloads raise it. It is also an
+    ``EntryNotFoundError``, like the ``LocalEntryNotFoundError`` that ``hf_hub_download`` raises
+    for an uncached file it cannot fetch, so timm's search through a repo's alternative weight
+    files (``model.safetensors`` before ``pytorch_model.bin``) goes on as it would without the
+    lookup, to a cached alternative if there is one."""
+
+
+def fail_fast_timm_downloads() -> None:
+    """Put :func:`require_hub_file`'s single lookup in front of timm's Hub downloads.
+
+    timm downloads every Hub file (``hf-hub:`` configs and weights, and its own pretrained
+    weights) through one function, ``timm.models._hub.hf_hub_download``. It is replaced by a
+    wrapper that first calls :func:`require_hub_file`, then the original function unchanged: a
+    cached file or a reachable Hub behaves as before (one extra ``HEAD`` on a file's first
+    download), and a file that cannot be had raises :class:`HubUnavailableError` naming the repo
+    at once, instead of after ``huggingface_hub``'s half-minute retry loop. Idempotent;
+    ``import ssole_hub`` calls it. Does nothing if this timm has no such function.
+    """
+    try:
+        from timm.models import _hub as timm_hub
+    except ImportError:
+        return
+    download = getattr(timm_hub, "hf_hub_download", None)
+    if download is None or getattr(download, "_ssole_fail_fast", False):
+        return
+
+    def hf_hub_download_fail_fast(repo_id: str, filename: str, *args: Any, **kwargs: Any) -> str:
+        try:
+            require_hub_file(repo_id, filename, kwargs.get("revision"), kwargs.get("cache_dir"))
+        except HubUnavailableError as exc:
+            raise _TimmHubUnavailableError(str(exc)) from exc.__cause__
+        return download(repo_id, filename, *args, **kwargs)
+
+    hf_hub_download_fail_fast._ssole_fail_fast = True  # type: ignore[attr-defined]
+    hf_hub_download_fail_fast.__wrapped__ = download  # type: ignore[attr-defined]
+    timm_hub.hf_hub_download = hf_hub_download_fail_fast

@@ -329,14 +329,25 @@ def _onnx_section(record: Mapping[str, Any]) -> str:
         agreement = figures.get("neighbour_agreement") or {}
         file, limit = figures.get("file", "-"), _format(figures.get("limit", "-"))
         precision, passed = figures.get("precision", "-"), figures.get("passed", "-")
+        if figures.get("written") is False:
+            passed = f"{passed} (file refused, not written)"
         for output, cosine in (figures.get("min_cosine") or {"-": "-"}).items():
             share = _cosine(agreement[output]) if output in agreement else "n/a"
             lines.append(
                 f"| {backend} | `{file}` | {precision} | {output} | {_cosine(cosine)} ({limit})"
                 f" | {share} | {passed} |"
             )
-    choices = ", ".join([*list(backends)[1:], "torch", "auto"])
-    first = next(iter(backends), "torch")
+    refused = {b: f for b, f in backends.items() if f.get("written") is False}
+    for backend, figures in refused.items():
+        lines += [
+            "",
+            f"`{figures.get('file')}` was refused at export and is not in this folder: "
+            f"{'; '.join(figures.get('shortfalls') or [])}. The `{backend}` backend is not "
+            "available.",
+        ]
+    present = [b for b in backends if b not in refused]
+    choices = ", ".join([*present[1:], "torch", "auto"])
+    first = next(iter(present), "torch")
     lines += [
         "",
         "```bash",

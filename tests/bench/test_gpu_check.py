@@ -1,5 +1,6 @@
-"""The one-command GPU check (``bench/gpu_check.py``): its dry run end to end on the CPU, the
-stage runner's failure and time-out handling, and the choice of carried wheels to install."""
+"""The one-command GPU check (``bench/gpu_check.py``, its stages in ``bench/gpu_stages/``): its dry
+run end to end on the CPU, the stage runner's failure and time-out handling, and the choice of
+carried wheels to install."""
 
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ def _load_gpu_check():
 
 
 gpu_check = _load_gpu_check()
+# Loading the entry point put the repository root on sys.path: its stage modules import from there.
+runner = importlib.import_module("bench.gpu_stages.runner")
+stage_types = importlib.import_module("bench.gpu_stages.stage")
+wheels = importlib.import_module("bench.gpu_stages.wheels")
 
 
 @pytest.mark.slow
@@ -73,7 +78,7 @@ def test_dry_run_runs_every_stage_and_records_status_figures_and_targets(tmp_pat
 
 
 def _stage(name: str, code: str, timeout_s: float = 60) -> object:
-    return gpu_check.Stage(
+    return stage_types.Stage(
         name, f"test stage {name}", [sys.executable, "-c", code], timeout_s, lambda: ({}, [])
     )
 
@@ -85,7 +90,7 @@ def test_a_failing_stage_is_recorded_with_its_output_and_the_next_one_runs(tmp_p
     monkeypatch.setitem(
         gpu_check.BUILDERS, "extract", lambda plan, t: _stage("extract", succeed, t)
     )
-    plan = gpu_check.Plan(dry_run=True, work=tmp_path, fashion_mnist=None, gpus=0)
+    plan = stage_types.Plan(dry_run=True, work=tmp_path, fashion_mnist=None, gpus=0)
 
     records = gpu_check.run_stages(plan, ["loss", "ddp", "extract"], {}, (300, 10))
 
@@ -105,7 +110,7 @@ def test_a_stage_past_its_time_limit_is_ended_with_its_children(tmp_path):
     )
     started = time.monotonic()
 
-    record = gpu_check.run_stage(_stage("slow", code, timeout_s=3), {}, tmp_path)
+    record = runner.run_stage(_stage("slow", code, timeout_s=3), {}, tmp_path)
 
     assert record["status"] == "timeout" and record["returncode"] is None
     assert time.monotonic() - started < 30
@@ -133,11 +138,11 @@ def test_a_stage_cannot_start_the_check_again(monkeypatch, capsys):
 
 
 def _wheel(name: str, version: str, *requires: str) -> object:
-    return gpu_check.Wheel(Path(f"{name}-{version}.whl"), name, version, requires)
+    return wheels.Wheel(Path(f"{name}-{version}.whl"), name, version, requires)
 
 
 def test_only_missing_wheels_and_those_too_old_for_them_are_installed():
-    wheels = {
+    carried = {
         w.name: w
         for w in (
             _wheel("fastapi", "1.0", "starlette>=1.0", "pydantic>=2", "httpx; extra == 'all'"),
@@ -151,7 +156,7 @@ def test_only_missing_wheels_and_those_too_old_for_them_are_installed():
     }
     installed = {"starlette": "1.2", "typing-extensions": "4.12.2", "anyio": "4.0", "httpx": "0.1"}
 
-    chosen = gpu_check.wheels_to_install(wheels, installed)
+    chosen = wheels.wheels_to_install(carried, installed)
 
     # starlette 1.2 and anyio 4.0 satisfy what is asked of them; typing-extensions 4.12 does not;
     # httpx is only asked for by an extra.
@@ -182,7 +187,7 @@ def test_missing_wheels_install_without_a_registry_and_foreign_ones_are_left_out
     (wheelhouse / foreign).write_bytes(b"")
     site = tmp_path / "site"
 
-    report = gpu_check.install_missing(wheelhouse, site)
+    report = wheels.install_missing(wheelhouse, site)
 
     assert report["installed"] == ["ssole-gpu-check-probe==1.0"]
     assert report["not_for_this_python"] == [foreign]

@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -246,3 +249,48 @@ def test_model_that_fails_to_load_reports_it_on_health_and_ready(make_server, tm
         for path in ("/health", "/ready"):
             error = c.get(path).json()["error"]
             assert error["code"] == "model_load_failed" and "missing" in error["message"]
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_python_m_server_logs_the_backend_auto_chose_and_the_loaded_model(tiny_model_dir, tmp_path):
+    """The real ``python -m server`` in a fresh process: its own INFO lines (which backend
+    ``auto`` chose, the model loaded and ready) reach stderr beside uvicorn's."""
+    port = _free_port()
+    model = f"local-dir:{tiny_model_dir}"
+    command = [sys.executable, "-m", "server", "--model", model, "--port", str(port)]
+    command += ["--device", "cpu", "--no-warmup"]
+    stderr_path = tmp_path / "stderr.txt"
+    with stderr_path.open("w") as stderr:
+        server = subprocess.Popen(
+            command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=stderr, text=True
+        )
+        try:
+            url = f"http://127.0.0.1:{port}/ready"
+
+            def ready() -> bool:
+                assert server.poll() is None, stderr_path.read_text()
+                try:
+                    return httpx.get(url, timeout=5).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            wait_until(ready, timeout_s=120)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    lines = stderr_path.read_text().splitlines()
+    assert f"INFO:     ssole_hub: backend auto: using torch for {model} on cpu" in lines
+    assert any(line.startswith(f"INFO:     server: loaded {model}: outputs") for line in lines)
+    assert any(
+        line.startswith("INFO:     server: model 'tiny-ssole' ready") and "backend torch" in line
+        for line in lines
+    ), lines
+    assert any(f"Uvicorn running on http://127.0.0.1:{port}" in line for line in lines), lines

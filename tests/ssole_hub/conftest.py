@@ -257,3 +257,157 @@ def ray_cluster() -> str:
     )
     yield context.address_info["gcs_address"]
     ray.shutdown()
+
+
+# --- unreadable input files and awkward ids ---------------------------------------------------
+
+
+def _tar_bytes(samples: list[tuple[str, bytes]]) -> bytes:
+    """A webdataset tar: ``<key>.jpg`` and ``<key>.cls`` per sample."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key, jpeg in samples:
+            _add_member(tar, f"{key}.jpg", jpeg)
+            _add_member(tar, f"{key}.cls", b"0")
+    return buf.getvalue()
+
+
+def _member_offsets(data: bytes) -> list[tuple[int, int]]:
+    """``(header offset, data offset)`` of each member of a tar."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return [(m.offset, m.offset_data) for m in tar.getmembers()]
+
+
+@dataclass(frozen=True)
+class BadTars:
+    """Webdataset tars of real photos with unreadable tars among them, in a test's folder.
+
+    ``first`` lists them all; ``bad`` maps each unreadable one to how it is broken. For the
+    second run the empty, garbage and mid-member-cut tars are dropped and the tar cut at a
+    member boundary (which ``tarfile`` alone reads as a shorter tar) is rewritten whole by
+    :meth:`fix`: ``second`` is that list. ``first_ids`` / ``second_ids``: what each run embeds.
+    """
+
+    first: list[str]
+    bad: dict[str, str]
+    second: list[str]
+    first_ids: list[str]
+    second_ids: list[str]
+    whole: bytes
+
+    def fix(self) -> None:
+        """Rewrite the tar that was cut at a member boundary whole."""
+        Path(self.second[-1]).write_bytes(self.whole)
+
+
+@pytest.fixture
+def tars_with_bad_ones(photo_jpegs, tmp_path) -> BadTars:
+    """See :class:`BadTars`; the good tars hold 2, 2 and 1 photos, the fixable one 2."""
+    folder = tmp_path / "tars"
+    folder.mkdir()
+    good = {"a.tar": [0, 1], "b.tar": [2, 3], "c.tar": [4], "d.tar": [5, 0]}
+    contents = {
+        name: _tar_bytes([(f"s{n}{i}", photo_jpegs[i]) for n, i in enumerate(photos)])
+        for name, photos in good.items()
+    }
+    cut = contents["c.tar"]
+    whole = contents["d.tar"]
+    contents.update(
+        {
+            "empty.tar": b"",
+            "garbage.tar": b"this is a text file named like a tar\n" * 40,
+            "cut-mid.tar": cut[: _member_offsets(cut)[0][1] + 700],  # inside the first JPEG
+            "d.tar": whole[: _member_offsets(whole)[2][0]],  # after the first sample, whole
+        }
+    )
+    for name, data in contents.items():
+        (folder / name).write_bytes(data)
+    order = ["a.tar", "empty.tar", "b.tar", "garbage.tar", "c.tar", "cut-mid.tar", "d.tar"]
+    bad = {"empty.tar": "0 bytes", "garbage.tar": "not a tar", "cut-mid.tar": "cut in a member",
+           "d.tar": "cut at a member boundary"}  # fmt: skip
+
+    def ids(names: list[str]) -> list[str]:
+        return [f"{n}/s{i}{p}" for n in names for i, p in enumerate(good[n])]
+
+    return BadTars(
+        first=[str(folder / n) for n in order],
+        bad={str(folder / n): why for n, why in bad.items()},
+        second=[str(folder / n) for n in ("a.tar", "b.tar", "c.tar", "d.tar")],
+        first_ids=ids(["a.tar", "b.tar", "c.tar"]),
+        second_ids=ids(["a.tar", "b.tar", "c.tar", "d.tar"]),
+        whole=whole,
+    )
+
+
+@dataclass(frozen=True)
+class IdRecords:
+    """A parquet input and the ids it must give, in order, with the photos they name."""
+
+    inputs: list[str]
+    ids: list[str]
+    images: list[bytes]
+
+
+ODD_IDS = ["line\nfeed", "carriage\rreturn", "line\u2028separator", "next\x85line", None,
+           "twice", "crlf\r\n", "twice"]  # fmt: skip
+"""Ids with each line break, a null and a repeated one."""
+
+
+@pytest.fixture(scope="session")
+def parquet_odd_ids(photo_jpegs, tmp_path_factory) -> IdRecords:
+    """One parquet file (columns ``id``, ``image``) of 8 real photos under :data:`ODD_IDS`."""
+    pa = pytest.importorskip("pyarrow", reason="parquet needs the [parquet] extra")
+    import pyarrow.parquet as pq
+
+    folder = tmp_path_factory.mktemp("odd-ids")
+    images = [photo_jpegs[i % len(photo_jpegs)] for i in range(len(ODD_IDS))]
+    path = folder / "odd.parquet"
+    pq.write_table(pa.table({"id": ODD_IDS, "image": pa.array(images, pa.binary())}), path)
+    ids = [f"odd.parquet#{row}" if i is None else i for row, i in enumerate(ODD_IDS)]
+    return IdRecords([str(path)], ids, images)
+
+
+@pytest.fixture(scope="session")
+def bad_parquet_files(photo_jpegs, tmp_path_factory) -> RecordSet:
+    """A good parquet file of 2 photos between a garbage file and a parquet file cut in half
+    (no footer); ``errors`` maps each bad file's path to how it is broken."""
+    pa = pytest.importorskip("pyarrow", reason="parquet needs the [parquet] extra")
+    import pyarrow.parquet as pq
+
+    folder = tmp_path_factory.mktemp("bad-parquet")
+    table = pa.table({"id": ["p0", "p1"], "image": pa.array(photo_jpegs[:2], pa.binary())})
+    pq.write_table(table, folder / "good.parquet")
+    whole = (folder / "good.parquet").read_bytes()
+    (folder / "garbage.parquet").write_bytes(b"PAR1 but not really a parquet file\n" * 20)
+    (folder / "cut.parquet").write_bytes(whole[: len(whole) // 2])
+    files = [str(folder / n) for n in ("garbage.parquet", "good.parquet", "cut.parquet")]
+    bad = {files[0]: "garbage", files[2]: "cut in half"}
+    return RecordSet(files, dict(zip(["p0", "p1"], photo_jpegs[:2], strict=True)), bad)
+
+
+def _assert_same_extraction(out: Path, reference: Path) -> None:
+    """``out`` holds what ``reference`` holds: the same files, ids (and ids files), rows (to
+    float tolerance), errors, counts and shard list."""
+    import numpy as np
+
+    from ssole_hub.extract import read_embeddings
+
+    def listing(folder: Path) -> list[str]:
+        return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+    assert listing(out) == listing(reference)
+    emb, ids = read_embeddings(out)
+    ref_emb, ref_ids = read_embeddings(reference)
+    assert ids == ref_ids
+    np.testing.assert_allclose(emb, ref_emb, atol=1e-5)
+    for name in ["_errors.jsonl", *(p.name for p in reference.glob("ids-*.jsonl"))]:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    manifest, expected = (json.loads((f / "_manifest.json").read_text()) for f in (out, reference))
+    keys = ("fingerprint", "num_inputs", "num_embedded", "num_errors", "failed_inputs", "shards")
+    assert {k: manifest[k] for k in keys} == {k: expected[k] for k in keys}
+
+
+@pytest.fixture
+def same_extraction():
+    """``check(out, reference)``: assert that two extraction folders hold the same output."""
+    return _assert_same_extraction

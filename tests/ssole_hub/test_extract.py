@@ -57,18 +57,24 @@ def clean_run(hub_folder, image_dir, tmp_path_factory) -> Path:
     return out
 
 
+def _mtimes(out: Path, k: int) -> dict[str, int]:
+    """The modification times of output shard ``k``'s files (data, ids, errors, marker)."""
+    files = [*out.glob(f"*-{k:05d}.*"), *(out / "_shards").glob(f"*{k:05d}.json*")]
+    return {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in files}
+
+
 def _good_paths(image_dir: Path) -> list[str]:
     return [p for p in list_images(image_dir)[0] if p not in BAD]
 
 
 def test_corrupt_files_are_skipped_listed_and_counted(clean_run, image_dir, hub_folder):
-    manifest = json.loads((clean_run / "manifest.json").read_text())
+    manifest = json.loads((clean_run / "_manifest.json").read_text())
     good = _good_paths(image_dir)
     assert len(good) == 12
     assert manifest["num_inputs"] == 15  # notes.txt is not an image name, so not an input
     assert manifest["num_embedded"] == 12
     assert manifest["num_errors"] == 3
-    errors = [json.loads(line) for line in (clean_run / "errors.jsonl").read_text().splitlines()]
+    errors = [json.loads(line) for line in (clean_run / "_errors.jsonl").read_text().splitlines()]
     assert {e["id"]: e["error"] for e in errors} == BAD
     assert all(e["id"] in e["message"] for e in errors)
 
@@ -79,7 +85,7 @@ def test_corrupt_files_are_skipped_listed_and_counted(clean_run, image_dir, hub_
 
 
 def test_manifest_records_model_preprocessing_and_shards(clean_run, hub_folder):
-    manifest = json.loads((clean_run / "manifest.json").read_text())
+    manifest = json.loads((clean_run / "_manifest.json").read_text())
     assert manifest["model_id"] == os.fspath(hub_folder)
     assert manifest["dim"] == 512
     assert manifest["preprocessing"]["input_size"] == [3, 224, 224]
@@ -110,15 +116,22 @@ def test_safetensors_output_and_a_list_file_give_the_same_embeddings(
         progress=False,
     )
     assert manifest["num_errors"] == 1
-    assert "FileNotFoundError" in (out / "errors.jsonl").read_text()
+    assert "FileNotFoundError" in (out / "_errors.jsonl").read_text()
     emb, paths = read_embeddings(out)
     assert paths == rel
     np.testing.assert_allclose(emb, read_embeddings(clean_run)[0], atol=1e-5)
 
 
-def test_an_output_folder_of_another_run_is_refused(clean_run, hub_folder, image_dir):
+def test_an_output_folder_of_another_run_is_refused(clean_run, hub_folder, image_dir, tmp_path):
     with pytest.raises(ValueError, match="different extraction"):
         extract_dataset(hub_folder, image_dir, clean_run, shard_size=4, normalize=False)
+    with pytest.raises(ValueError, match="different extraction"):  # another path list
+        extract_dataset(hub_folder, _good_paths(image_dir), clean_run, shard_size=4)
+    old = tmp_path / "old"  # the layout of earlier versions: manifest.json beside the shards
+    old.mkdir()
+    (old / "manifest.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"earlier ssole-hub version \(manifest.json\)"):
+        extract_dataset(hub_folder, image_dir, old, shard_size=4)
 
 
 _KILLED_RUN = """
@@ -154,16 +167,17 @@ def test_a_killed_run_resumes_skipping_finished_shards(
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     # Shard 0 is bad.jpg, empty.png (a batch that needs no forward pass), photo0, photo1; the
     # third forward pass, in shard 1, killed the process.
-    assert (out / "shard-00000.json").is_file()
-    assert not (out / "shard-00001.json").exists()
-    assert not (out / "manifest.json").exists()
-    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*-00000.*")}
+    assert (out / "_shards" / "00000.json").is_file()
+    assert not (out / "_shards" / "00001.json").exists()
+    assert not (out / "_manifest.json").exists()
+    finished = _mtimes(out, 0)
+    assert len(finished) == 4  # embeddings, ids, errors, marker
 
     assert main(args) == 0
     printed = capsys.readouterr()
     assert "embedded 12 of 15" in printed.out
     assert "1 of 4 shards are already finished and are skipped" in printed.err
-    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*-00000.*")} == finished
+    assert _mtimes(out, 0) == finished
     emb, paths = read_embeddings(out)
     clean_emb, clean_paths = read_embeddings(clean_run)
     assert paths == clean_paths
@@ -180,7 +194,7 @@ def test_two_rank_torchrun_equals_one_process(clean_run, hub_folder, image_dir, 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["world_size"] == 2
     assert manifest["num_errors"] == 3
     emb, paths = read_embeddings(out)
@@ -188,5 +202,32 @@ def test_two_rank_torchrun_equals_one_process(clean_run, hub_folder, image_dir, 
     assert paths == clean_paths
     np.testing.assert_allclose(emb, clean_emb, atol=1e-5)
     # Every line of the merged errors file came from exactly one rank's shard.
-    errors = (out / "errors.jsonl").read_text().splitlines()
+    errors = (out / "_errors.jsonl").read_text().splitlines()
     assert sorted(json.loads(e)["id"] for e in errors) == sorted(BAD)
+
+
+@pytest.mark.slow
+def test_two_rank_torchrun_resumes_after_unreadable_tars_are_fixed_or_dropped(
+    hub_folder, tars_with_bad_ones, same_extraction, tmp_path
+):
+    """Under torchrun, finished shards that change position are moved once (by rank 0, between
+    barriers that every rank reaches) before the ranks take their shards."""
+    tars = tars_with_bad_ones
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    cmd += ["-m", "ssole_hub", "extract", "--model", str(hub_folder), "--out", str(out)]
+    cmd += ["--batch-size", "2", "--workers", "0", "--no-progress", "--input"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*cmd, *tars.first], cwd=REPO, capture_output=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["failed_inputs"] == [p for p in tars.first if p in tars.bad]
+
+    tars.fix()
+    proc = subprocess.run([*cmd, *tars.second], cwd=REPO, capture_output=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    assert proc.stderr.decode().count("2 finished shard(s) moved") == 1  # rank 0 only
+    reference = tmp_path / "reference"
+    extract_dataset(hub_folder, tars.second, reference, batch_size=2, num_workers=0,
+                    progress=False)  # fmt: skip
+    same_extraction(out, reference)

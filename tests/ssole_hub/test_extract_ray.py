@@ -1,14 +1,18 @@
 """The Ray engine on a real local Ray instance (``ray_cluster``, started once per test run): its
-output equals the plain engine's for a folder, a list file, webdataset tars and parquet; bad
-records are listed, never fatal; a killed run resumes to the same output."""
+output equals the plain engine's for a folder, a list file, webdataset tars and parquet (ids with
+line breaks too); bad records and unreadable input files are listed, never fatal; a killed run,
+or one whose unreadable inputs were fixed or dropped, resumes to the same output; a wrong
+cluster address fails fast."""
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,30 +41,48 @@ def image_folder(tmp_path_factory, photo_jpegs) -> Path:
     return root
 
 
-def _inputs(name, image_folder, webdataset_tars, parquet_files):
+def _inputs(name, image_folder, webdataset_tars, parquet_files, parquet_odd_ids):
     if name == "folder":
         return image_folder, {"shard_size": 3}
     if name == "list":
         return image_folder / "list.txt", {"shard_size": 3}
     if name == "webdataset":
         return webdataset_tars.inputs, {}
+    if name == "odd-ids":
+        return parquet_odd_ids.inputs, {}
     return parquet_files.inputs, {"image_column": "picture", "id_column": "uid"}
 
 
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "_manifest.json").read_text())
+
+
+def _input_errors(out: Path) -> dict[str, dict[str, str]]:
+    """The lines of ``_errors.jsonl`` about whole input files, by path."""
+    lines = (out / "_errors.jsonl").read_text().splitlines()
+    return {e["input"]: e for e in map(json.loads, lines) if "input" in e}
+
+
 def _errors(out: Path) -> dict[str, str]:
-    lines = (out / "errors.jsonl").read_text().splitlines()
+    lines = (out / "_errors.jsonl").read_text().splitlines()
     return {e["id"]: e["error"] for e in map(json.loads, lines)}
 
 
 @pytest.mark.parametrize(
     ("name", "file_format"),
-    [("folder", "npy"), ("list", "safetensors"), ("webdataset", "parquet"), ("parquet", "npy")],
+    [
+        ("folder", "npy"),
+        ("list", "safetensors"),
+        ("webdataset", "parquet"),
+        ("parquet", "npy"),
+        ("odd-ids", "safetensors"),
+    ],
 )
 def test_the_ray_engine_writes_what_the_plain_engine_writes(
     name, file_format, ray_cluster, hub_folder, image_folder, webdataset_tars, parquet_files,
-    tmp_path,
+    parquet_odd_ids, tmp_path,
 ):  # fmt: skip
-    inputs, options = _inputs(name, image_folder, webdataset_tars, parquet_files)
+    inputs, options = _inputs(name, image_folder, webdataset_tars, parquet_files, parquet_odd_ids)
     common = dict(batch_size=2, file_format=file_format, progress=False, **options)
     plain = extract_dataset(hub_folder, inputs, tmp_path / "plain", num_workers=0, **common)
     ray = extract_dataset(hub_folder, inputs, tmp_path / "ray", engine="ray", concurrency=1,
@@ -79,8 +101,16 @@ def test_the_ray_engine_writes_what_the_plain_engine_writes(
         "list": {"notes.jpg": "UnsupportedImageError", "gone.jpg": "FileNotFoundError"},
         "webdataset": webdataset_tars.errors,  # a truncated JPEG member, a sample without image
         "parquet": parquet_files.errors,  # a row of garbage bytes, a null cell
+        "odd-ids": {},
     }[name]
     assert errors == expected
+    if name == "odd-ids":  # each line break, a null id (odd.parquet#4), a repeated id
+        assert ids == parquet_odd_ids.ids
+        assert (ray["num_duplicate_ids"], ray["duplicate_ids"]) == (1, ["twice"])
+    if file_format == "parquet":  # the folder reads as one table
+        import pyarrow.parquet as pq
+
+        assert pq.read_table(tmp_path / "ray").column("id").to_pylist() == ids
 
 
 _KILLED_RUN = """
@@ -91,7 +121,7 @@ from ssole_hub.cli import main
 write = output.write_atomic
 
 def dies_before_second_marker(path, data):
-    if path.name == "shard-00001.json":
+    if path.name == "00001.json":  # shard 1's done-marker
         os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, like a preempted driver
     write(path, data)
 
@@ -117,8 +147,8 @@ def test_a_killed_ray_run_resumes_to_the_uninterrupted_output(
     proc = subprocess.run([sys.executable, str(script), *args, "--ray-address", ray_cluster],
                           cwd=REPO, env=env, capture_output=True, timeout=300)  # fmt: skip
     assert proc.returncode == -9, proc.stderr.decode()[-3000:]
-    assert (out / "shard-00000.json").is_file() and (out / "embeddings-00001.npy").is_file()
-    assert not (out / "shard-00001.json").exists() and not (out / "manifest.json").exists()
+    assert (out / "_shards" / "00000.json").is_file() and (out / "embeddings-00001.npy").is_file()
+    assert not (out / "_shards" / "00001.json").exists() and not (out / "_manifest.json").exists()
     finished = (out / "embeddings-00000.npy").stat().st_mtime_ns
 
     assert main(args) == 0
@@ -189,3 +219,89 @@ def test_on_the_local_ray_one_actor_reserves_all_cpus_but_one_and_uses_both(ray_
     import ray
 
     assert _resources(ray, None, None, None) == Resources(0, 1.0, 2, 1)
+
+
+def test_unreadable_tars_are_listed_and_a_rerun_after_fixing_them_resumes(
+    ray_cluster, hub_folder, tars_with_bad_ones, same_extraction, tmp_path, capsys
+):
+    """As the plain engine's test of the same name (test_extract_inputs.py), on Ray, into
+    parquet shards: the good tars are embedded and the bad ones named; after three are dropped
+    and one fixed, the re-run computes only the fixed one and equals a plain run on the new
+    list; the folder reads as one table."""
+    import pyarrow.parquet as pq
+
+    tars = tars_with_bad_ones
+    out = tmp_path / "out"
+    args = ["extract", "--model", str(hub_folder), "--out", str(out), "--batch-size", "2"]
+    args += ["--engine", "ray", "--concurrency", "1", "--format", "parquet", "--no-progress"]
+    assert main([*args, "--input", *tars.first]) == 0
+    printed = capsys.readouterr()
+    assert _manifest(out)["failed_inputs"] == [p for p in tars.first if p in tars.bad]
+    failures = _input_errors(out)
+    assert set(failures) == set(tars.bad)
+    for path, entry in failures.items():
+        assert entry["error"] == "UnreadableInputError"
+        assert entry["message"].startswith(path), entry
+        assert path in printed.out
+    assert pq.read_table(out).column("id").to_pylist() == tars.first_ids
+    assert not (out / "embeddings-00006.parquet").exists()  # nothing of the tar cut at a member
+    good_shards = [(out / f"embeddings-{k:05d}.parquet").stat().st_mtime_ns for k in (0, 2, 4)]
+
+    tars.fix()
+    assert main([*args, "--input", *tars.second]) == 0
+    printed = capsys.readouterr()
+    assert "3 of 4 shards are already finished and are skipped" in printed.err
+    assert "embedded 7 of 7 images" in printed.out and "could not be read" not in printed.out
+    moved = [(out / f"embeddings-{k:05d}.parquet").stat().st_mtime_ns for k in (0, 1, 2)]
+    assert moved == good_shards
+    reference = tmp_path / "reference"
+    extract_dataset(hub_folder, tars.second, reference, batch_size=2, file_format="parquet",
+                    num_workers=0, progress=False)  # fmt: skip
+    same_extraction(out, reference)
+    assert pq.read_table(out).column("id").to_pylist() == tars.second_ids
+
+
+def test_unreadable_parquet_files_are_named_and_the_others_embedded(
+    ray_cluster, hub_folder, bad_parquet_files, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    args = ["extract", "--model", str(hub_folder), "--out", str(out), "--engine", "ray"]
+    assert main([*args, "--input", *bad_parquet_files.inputs, "--no-progress"]) == 0
+    printed = capsys.readouterr()
+    bad = bad_parquet_files.errors
+    assert _manifest(out)["failed_inputs"] == list(bad)
+    failures = _input_errors(out)
+    assert set(failures) == set(bad)
+    for path, entry in failures.items():
+        assert entry["message"].startswith(f"{path} is not a readable parquet file"), entry
+        assert path in printed.out
+    assert read_embeddings(out)[1] == ["p0", "p1"]
+    # A readable file without the image column is refused up front, by name, before Ray runs.
+    good = bad_parquet_files.inputs[1]
+    assert main([*args, "--input", good, "--image-column", "picture"]) == 2
+    assert f"{good} has no column 'picture'" in capsys.readouterr().err
+
+
+def test_a_wrong_ray_address_fails_fast_naming_it(hub_folder, photo_dir, tmp_path):
+    """A fresh process (as a user's command, not joined to any Ray) pointed at a port where
+    nothing listens: one error line naming the address, well within 30 s (Ray's own retries
+    took over 2 minutes). The bound is generous: it includes importing torch."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{probe.getsockname()[1]}"
+    cmd = [sys.executable, "-m", "ssole_hub", "extract", "--engine", "ray", "--ray-address"]
+    cmd += [address, "--model", str(hub_folder), "--input", str(photo_dir)]
+    cmd += ["--out", str(tmp_path / "out"), "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(REPO)
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [
+        f"ssole-hub extract: error: cannot reach the Ray cluster at {address} (Connection "
+        "refused); is Ray running there (ray start --head), and is the address right?"
+    ]
+    assert elapsed < 30, elapsed
+    assert not (tmp_path / "out").exists()

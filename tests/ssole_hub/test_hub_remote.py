@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -210,6 +212,45 @@ def test_push_with_the_default_client_settings_commits_every_file(
         assert hub.files("me/default-path")[name] == (hub_folder / name).read_bytes(), name
 
 
+def _ssole_hub_command() -> list[str]:
+    """The installed ``ssole-hub`` script of this interpreter (``python -m ssole_hub`` if none)."""
+    script = Path(sys.executable).with_name("ssole-hub")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "ssole_hub"]
+
+
+def test_push_to_an_unreachable_or_refusing_hub_prints_one_error_line(
+    loopback_hub, hub_folder, hub_env, tmp_path
+):
+    """The real command in a fresh process. Simulated: no network, as a loopback port nothing
+    listens on; then the stand-in Hub refusing a wrong token (HTTP 401)."""
+    push = [*_ssole_hub_command(), "push", str(hub_folder), "--repo", "me/pushed"]
+    env = {**hub_env, "HF_TOKEN": "test-token", "HF_HUB_DISABLE_XET": "1"}
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{closed.getsockname()[1]}"  # bound, never listening
+        done = subprocess.run(
+            push, env={**env, "HF_ENDPOINT": nobody}, capture_output=True, text=True, timeout=300
+        )
+    refused = subprocess.run(
+        push,
+        env={**env, "HF_ENDPOINT": loopback_hub.endpoint, "HF_TOKEN": "wrong-token"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    for run, reason in [
+        (done, f"cannot reach the Hub at {nobody} to push me/pushed"),
+        (refused, "refused to let this token write me/pushed (HTTP 401"),
+    ]:
+        assert run.returncode == 2, run.stderr
+        assert "Traceback" not in run.stderr
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("ssole-hub push: error: "), run.stderr
+        assert reason in lines[0] and "no commit was made" in lines[0]
+    assert "HF_ENDPOINT" in done.stderr and "HF_TOKEN" in refused.stderr
+    assert "me/pushed" not in loopback_hub.repos
+
+
 UNAVAILABLE_SCRIPT = """
 import json, time
 import timm
@@ -228,6 +269,7 @@ print(json.dumps(dict(
     timm=attempt(lambda: timm.create_model("ssole_resnet50", pretrained=True)),
     load_model=attempt(lambda: ssole_hub.load_model("ssole_resnet18.in100_m4")),
     hf_hub=attempt(lambda: ssole_hub.load_model("hf-hub:someone/custom-model")),
+    timm_hf_hub=attempt(lambda: timm.create_model("hf-hub:someone/timm-model", pretrained=True)),
 )))
 """
 
@@ -259,6 +301,7 @@ def test_an_unavailable_hub_fails_after_one_lookup_naming_the_repo_and_the_ways_
         ("timm", "test-org/ssole_resnet50.in1k_m8"),
         ("load_model", "test-org/ssole_resnet18.in100_m4"),
         ("hf_hub", "someone/custom-model"),
+        ("timm_hf_hub", "someone/timm-model"),
     ]:
         _assert_clear_and_fast(result[key], repo_id, "answered HTTP 503")
     asked = [path for _, path in hub.requests]
@@ -266,6 +309,7 @@ def test_an_unavailable_hub_fails_after_one_lookup_naming_the_repo_and_the_ways_
         "/test-org/ssole_resnet50.in1k_m8/resolve/main/model.safetensors",
         "/test-org/ssole_resnet18.in100_m4/resolve/main/model.safetensors",
         "/someone/custom-model/resolve/main/config.json",
+        "/someone/timm-model/resolve/main/config.json",
     ]
 
 
@@ -280,9 +324,29 @@ def test_no_network_fails_at_once_and_a_missing_repo_says_it_is_not_published(
         result = _unavailable({**hub_env, "HF_ENDPOINT": nobody}, python_subprocess, tmp_path)
     _assert_clear_and_fast(result["timm"], "test-org/ssole_resnet50.in1k_m8", "cannot be reached")
     _assert_clear_and_fast(result["hf_hub"], "someone/custom-model", "cannot be reached")
+    # plain timm with hf-hub: after `import ssole_hub`; huggingface_hub alone retried for 23 s
+    _assert_clear_and_fast(result["timm_hf_hub"], "someone/timm-model", "cannot be reached")
 
     env = {**hub_env, "HF_ENDPOINT": loopback_hub.endpoint}
     result = _unavailable(env, python_subprocess, tmp_path)
     _assert_clear_and_fast(result["load_model"], "test-org/ssole_resnet18.in100_m4", "not found")
     assert "not published yet" in result["load_model"]["error"]
-    assert len(loopback_hub.requests) == 3
+    _assert_clear_and_fast(result["timm_hf_hub"], "someone/timm-model", "not found")
+    assert len(loopback_hub.requests) == 4
+
+
+def test_offline_mode_with_an_empty_cache_fails_at_once_naming_the_repo(
+    loopback_hub, hub_env, python_subprocess, tmp_path
+):
+    """HF_HUB_OFFLINE=1 and an empty cache: every loader, plain timm's hf-hub: included, raises
+    HubUnavailableError naming the repo and asks nothing of the (running) stand-in Hub."""
+    env = {**hub_env, "HF_ENDPOINT": loopback_hub.endpoint, "HF_HUB_OFFLINE": "1"}
+    result = _unavailable(env, python_subprocess, tmp_path)
+    for key, repo_id in [
+        ("timm", "test-org/ssole_resnet50.in1k_m8"),
+        ("load_model", "test-org/ssole_resnet18.in100_m4"),
+        ("hf_hub", "someone/custom-model"),
+        ("timm_hf_hub", "someone/timm-model"),
+    ]:
+        _assert_clear_and_fast(result[key], repo_id, "HF_HUB_OFFLINE=1 forbids downloading it")
+    assert loopback_hub.requests == []

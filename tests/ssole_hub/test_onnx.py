@@ -25,13 +25,14 @@ from ssole_hub import (
 )
 from ssole_hub.cli import main
 from ssole_hub.extract import read_embeddings
+from ssole_hub.extract_output import MANIFEST_FILE
 from ssole_hub.onnx_backend import (
     BACKEND_PREFERENCE,
     FIDELITY_LIMITS,
     ONNX_FILES,
     guarded_backends,
 )
-from ssole_hub.onnx_export import neighbour_agreement
+from ssole_hub.onnx_export import OnnxFileRefusedWarning, neighbour_agreement
 
 REPO = Path(__file__).resolve().parents[2]
 PX = 64
@@ -199,17 +200,93 @@ def test_export_command_writes_folder_and_onnx_files_from_a_checkpoint(
     assert validate_hub_folder(out).onnx_files == list(ONNX_FILES.values())
 
 
-def test_int8_missing_its_limit_is_refused_with_the_shortfall(
-    onnx_folder, jpeg_dir, tmp_path, monkeypatch
+STRICT_INT8 = 0.99999
+"""A stricter int8 limit than the default 0.99: the calibrated int8 file really misses it (its
+figures are checked below), so the refusal is honest, not faked."""
+
+
+def test_int8_missing_its_limit_keeps_float32_and_records_the_refusal(
+    onnx_folder, jpeg_dir, tmp_path
 ):
+    """Only int8 misses its guard: the float32 file that passed is written, the int8 file is
+    not (an older one is gone too), and ssole.json, the card and the warning say why."""
     folder = _copy(onnx_folder, tmp_path)
-    before = (folder / ONNX_FILES["onnx-int8"]).read_bytes()
-    monkeypatch.setitem(FIDELITY_LIMITS, "onnx-int8", 0.9999999)
+    assert (folder / ONNX_FILES["onnx-int8"]).is_file()
+    with pytest.warns(OnnxFileRefusedWarning) as warned:
+        record = export_onnx(folder, calibration=jpeg_dir, limits={"onnx-int8": STRICT_INT8})
+    int8 = record["backends"]["onnx-int8"]
+    assert int8["limit"] == STRICT_INT8 and min(int8["min_cosine"].values()) < STRICT_INT8
+    assert int8["passed"] is False and int8["written"] is False
+    assert record["backends"]["onnx"]["passed"] and record["backends"]["onnx"]["written"]
+    assert (folder / ONNX_FILES["onnx"]).is_file()
+    assert not (folder / ONNX_FILES["onnx-int8"]).exists()
+    assert json.loads((folder / "ssole.json").read_text())["onnx"] == record
+    assert validate_hub_folder(folder).onnx_files == [ONNX_FILES["onnx"]]
+    assert "onnx-int8" not in guarded_backends(folder) and "onnx" in guarded_backends(folder)
+
+    message = str(warned[0].message)
+    worst = min(int8["min_cosine"], key=int8["min_cosine"].get)
+    assert f"on the {worst} output is {int8['min_cosine'][worst]:.6f}" in message
+    assert f"below the limit {STRICT_INT8}" in message and "on 6 calibration photos" in message
+    assert "onnx/model.onnx (float32) passed and was written" in message
+    assert f"ssole-hub export --out {folder} --onnx --calibration PHOTOS" in message
+    assert "leave out --calibration" in message
+    card = (folder / "README.md").read_text()
+    assert "| False (file refused, not written) |" in card
+    assert "`onnx/model_int8.onnx` was refused at export and is not in this folder" in card
+    assert "--backend onnx  # or onnx-bf16, torch, auto" in card
+
+
+def test_the_export_command_warns_about_a_refused_int8_file_and_runs_again_on_the_folder(
+    onnx_folder, checkpoint_path, jpeg_dir, tmp_path, capsys
+):
+    """The command writes what passed and exits 0 with one warning line naming the figures and
+    the ways out; the same folder then takes another ``--out DIR --onnx`` run."""
+    folder = _copy(onnx_folder, tmp_path)
+    add_onnx = ["export", "--out", str(folder), "--onnx", "--calibration", str(jpeg_dir)]
+    assert main([*add_onnx, "--int8-min-cosine", str(STRICT_INT8)]) == 0
+    printed = capsys.readouterr()
+    warnings = [line for line in printed.err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("ssole-hub export: warning: ")
+    assert "onnx/model_int8.onnx was refused and not written: min cosine" in warnings[0]
+    assert "NOT passed" in printed.out and "file refused, not written" in printed.out
+    assert not (folder / ONNX_FILES["onnx-int8"]).exists()
+
+    # Exporting the checkpoint again into the folder names both ways on.
+    again = ["export", "--checkpoint", str(checkpoint_path), "--out", str(folder), "--onnx"]
+    assert main(again) == 2
+    error = capsys.readouterr().err
+    assert "already exists; pass --overwrite" in error and "leave out --checkpoint" in error
+
+    assert main(add_onnx) == 0  # the default limit: int8 passes on the same photos
+    assert "warning" not in capsys.readouterr().err
+    record = json.loads((folder / "ssole.json").read_text())["onnx"]
+    assert record["backends"]["onnx-int8"]["passed"] and record["backends"]["onnx-int8"]["written"]
+    assert validate_hub_folder(folder).onnx_files == list(ONNX_FILES.values())
+
+
+def test_export_with_missing_calibration_photos_writes_no_folder(checkpoint_path, tmp_path, capsys):
+    out = tmp_path / "model"
+    argv = ["export", "--checkpoint", str(checkpoint_path), "--out", str(out), "--onnx"]
+    assert main([*argv, "--calibration", str(tmp_path / "no-such-photos")]) == 2
+    assert "no-such-photos does not exist" in capsys.readouterr().err
+    assert not out.exists()  # so the same command, corrected, runs as it would have
+
+
+def test_bad_limits_are_refused_naming_them(plain_folder, capsys):
+    with pytest.raises(ValueError, match=r"no fidelity limit for backend 'onnx-fp8'"):
+        export_onnx(plain_folder, limits={"onnx-fp8": 0.9})
     with pytest.raises(
-        ValueError, match=r"refusing to write onnx/model_int8.onnx.*below the limit"
+        ValueError, match=r"limit of onnx-int8 must be a number in \(0, 1\], got 1.5"
     ):
-        export_onnx(folder, calibration=jpeg_dir)
-    assert (folder / ONNX_FILES["onnx-int8"]).read_bytes() == before
+        export_onnx(plain_folder, limits={"onnx-int8": 1.5})
+    with pytest.raises(SystemExit) as exited:
+        main(["export", "--out", str(plain_folder), "--onnx", "--int8-min-cosine", "0"])
+    assert exited.value.code == 2
+    assert (
+        "--int8-min-cosine: expected a cosine limit in (0, 1], got '0'" in capsys.readouterr().err
+    )
+    assert not (plain_folder / "onnx").exists()
 
 
 def test_a_file_that_changes_retrieval_is_refused_naming_the_check(
@@ -227,16 +304,13 @@ def test_a_file_that_changes_retrieval_is_refused_naming_the_check(
     assert (folder / ONNX_FILES["onnx"]).read_bytes() == before
 
 
-def test_bf16_missing_its_limit_is_marked_not_passed_and_skipped_by_auto(
-    onnx_folder, tmp_path, monkeypatch
-):
+def test_bf16_missing_its_limit_is_marked_not_passed_and_skipped_by_auto(onnx_folder, tmp_path):
     """bfloat16 runs the float32 file, so missing its limit keeps the file (float32 passed) and
     only marks the backend, which ``auto`` then skips."""
     folder = _copy(onnx_folder, tmp_path)
     if FeatureExtractor.from_pretrained(folder, backend="onnx-bf16").model.precision != "bf16":
         pytest.skip("this CPU has no bfloat16: OpenVINO runs onnx-bf16 in float32")
-    monkeypatch.setitem(FIDELITY_LIMITS, "onnx-bf16", 0.9999999)
-    bf16 = export_onnx(folder)["backends"]["onnx-bf16"]
+    bf16 = export_onnx(folder, limits={"onnx-bf16": 0.9999999})["backends"]["onnx-bf16"]
     assert bf16["passed"] is False and "min cosine" in bf16["shortfalls"][0]
     assert (folder / ONNX_FILES["onnx"]).is_file()
     assert "onnx-bf16" not in guarded_backends(folder)
@@ -279,12 +353,26 @@ def test_extract_with_int8_writes_the_rows_of_torch(onnx_folder, jpeg_dir, tmp_p
         argv = ["extract", "--model", str(onnx_folder), "--input", str(jpeg_dir)]
         argv += ["--out", str(out), "--backend", backend, "--batch-size", "4", "--no-progress"]
         assert main([*argv, "--workers", "0"]) == 0
-        assert json.loads((out / "manifest.json").read_text())["backend"] == backend
+        assert json.loads((out / MANIFEST_FILE).read_text())["backend"] == backend
         runs[backend] = read_embeddings(out)
     (torch_rows, torch_paths), (int8_rows, int8_paths) = runs["torch"], runs["onnx-int8"]
     assert int8_paths == torch_paths and len(torch_paths) == 6
     cosine = F.cosine_similarity(torch.from_numpy(int8_rows), torch.from_numpy(torch_rows))
     assert cosine.min() >= 0.99
+
+
+def test_extract_defaults_to_auto_and_keeps_torch_for_torch_only_options(
+    onnx_folder, jpeg_dir, tmp_path
+):
+    """Like the server, extract takes the fastest backend that passed its export check unless
+    told otherwise; a dtype that only torch runs (bfloat16 on the CPU) keeps torch."""
+    chosen = {}
+    for name, extra in [("default", []), ("bf16", ["--dtype", "bfloat16"])]:
+        out = tmp_path / name
+        argv = ["extract", "--model", str(onnx_folder), "--input", str(jpeg_dir), "--out", str(out)]
+        assert main([*argv, "--workers", "0", "--no-progress", *extra]) == 0
+        chosen[name] = json.loads((out / MANIFEST_FILE).read_text())["backend"]
+    assert chosen == {"default": BACKEND_PREFERENCE[0], "bf16": "torch"}
 
 
 def test_without_onnx_packages_import_works_and_auto_uses_torch(onnx_folder):
