@@ -27,8 +27,11 @@ datasets:
 	  || echo "warning: could not install dataset-fashion-mnist; what needs it is skipped"; \
 	fi
 
+# The suite on PYTEST_WORKERS processes (pytest-xdist); the README runner and the Ray tests each
+# keep to one worker, in order. PYTEST_WORKERS=0 runs everything in this process.
+PYTEST_WORKERS ?= 2
 test: venv datasets
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 
 # Only the README runner (tests/test_readme.py, part of make test): every command and snippet of
 # README.md, in order, in a copy of the checkout.
@@ -41,6 +44,7 @@ demo: venv $(if $(filter fashion-mnist,$(DATASET)),datasets)
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: venv
 	$(VENV)/bin/ruff format .

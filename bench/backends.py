@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import load_average, machine_record, write_result
 from ssole_hub import FeatureExtractor, export_hub_folder, export_onnx, load_model
-from ssole_hub.onnx_backend import ONNX_FILES
+from ssole_hub.runtimes.backends import ONNX_FILES
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field", "cat")
 BATCH_SIZES = (1, 32)
@@ -239,7 +239,7 @@ def knn_through_backends(root: Path, args) -> dict:
 def export_guarded_or_measured(folder: Path, calibration: Path) -> dict:
     """Export the ONNX files; if the guard refuses the int8 file, record why, then write it
     without the guard so that its kNN cost can still be measured."""
-    import ssole_hub.onnx_export as onnx_export
+    import ssole_hub.hub.onnx_export as onnx_export
 
     try:
         return export_onnx(folder, calibration=calibration)

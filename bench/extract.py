@@ -6,7 +6,7 @@ timed, interleaved, ``--repeats`` times each:
 - **bound**: the same images already decoded and preprocessed into batch tensors, through the
   same :class:`~ssole_hub.FeatureExtractor` forward pass (``embed_tensor``): what the model alone
   can do;
-- **extract**: :func:`ssole_hub.extract.extract_dataset` from the JPEG files to shards on disk
+- **extract**: :func:`ssole_hub.extract_dataset` from the JPEG files to shards on disk
   (DataLoader decoding workers, sharded writes, manifest; fresh output folder each time);
 - **extract --fast-decode**: the same with reduced-scale JPEG decoding (opt-in);
 - **decode**: decoding and preprocessing alone, in one thread (``FeatureExtractor.preprocess``).
@@ -42,8 +42,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import load_average, machine_record, write_result
-from ssole_hub import FeatureExtractor, load_model
-from ssole_hub.extract import extract_dataset
+from ssole_hub import FeatureExtractor, extract_dataset, load_model
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field", "cat")
 SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)

@@ -3,7 +3,7 @@
 The input is real JPEGs of mixed sizes (:func:`bench.extract.write_jpegs`) in ``--tars``
 webdataset tars. Each repeat, interleaved:
 
-- **plain**: :func:`ssole_hub.extract.extract_dataset` on the tars, with no Ray running (its idle
+- **plain**: :func:`ssole_hub.extract_dataset` on the tars, with no Ray running (its idle
   daemons would slow the plain engine down), then on a **small** input (one tar of ``--small``
   images): the engine's fixed cost (decoding workers starting, the manifest, ...);
 - **Ray**: a local Ray instance is started with every core (timed apart, as ``ray start``),
@@ -36,8 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.extract import write_jpegs, write_tars
 from bench.machine import load_average, machine_record, write_result
-from ssole_hub import load_model
-from ssole_hub.extract import extract_dataset
+from ssole_hub import extract_dataset, load_model
 
 RUNS = ("plain", "plain_small", "ray_start", "ray_small", "ray")
 

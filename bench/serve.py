@@ -91,7 +91,7 @@ def random_model_folder(out: Path, input_px: int, arch: str = "ssole_resnet18") 
 
 def export_onnx_files(model: str, jpegs: list[bytes], tmp: Path) -> None:
     """Add ONNX files to the benchmark's model folder, int8 calibrated on the benchmark photos."""
-    from ssole_hub.onnx_export import export_onnx
+    from ssole_hub.hub.onnx_export import export_onnx
 
     photos = tmp / "calibration"
     photos.mkdir()

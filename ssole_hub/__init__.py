@@ -10,12 +10,15 @@ downloadable (:func:`ssole_hub.hub.fetch.fail_fast_timm_downloads`): plain
 :class:`HubUnavailableError` naming the repo instead of retrying for half a minute.
 """
 
+from ssole_hub.errors import HubFolderError
+from ssole_hub.extract.dataset import extract_dataset
+from ssole_hub.extract.output import read_embeddings
 from ssole_hub.extractor import FeatureExtractor
 from ssole_hub.hub.convert import ConversionError, convert_checkpoint
 from ssole_hub.hub.export import HubFolder, export_hub_folder, validate_hub_folder
 from ssole_hub.hub.fetch import HubUnavailableError, fail_fast_timm_downloads
-from ssole_hub.hub.folder import HubFolderError
 from ssole_hub.hub.load import load_model
+from ssole_hub.hub.onnx_export import export_onnx
 from ssole_hub.hub.publish import push_to_hub
 from ssole_hub.images import (
     CorruptImageError,
@@ -26,7 +29,6 @@ from ssole_hub.images import (
 )
 from ssole_hub.loss import SSOLELoss, SSOLELossParts, nuclear_norm, ssole_loss
 from ssole_hub.models import Output, SSOLEModel, SSOLEProjector, l2_normalize
-from ssole_hub.onnx_export import export_onnx
 from ssole_hub.preprocessing import Preprocessing, resolve_preprocessing
 from ssole_hub.version import __version__
 
@@ -51,10 +53,12 @@ __all__ = [
     "decode_image",
     "export_hub_folder",
     "export_onnx",
+    "extract_dataset",
     "l2_normalize",
     "load_model",
     "nuclear_norm",
     "push_to_hub",
+    "read_embeddings",
     "resolve_preprocessing",
     "ssole_loss",
     "validate_hub_folder",

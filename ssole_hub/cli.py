@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ssole_hub.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
-from ssole_hub.onnx_backend import BACKENDS, FIDELITY_LIMITS
+from ssole_hub.runtimes.backends import BACKENDS, FIDELITY_LIMITS
 
 
 class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -366,7 +366,7 @@ def _check_onnx_request(calibration: str | None) -> None:
     if missing:
         raise ImportError(f"--onnx needs {', '.join(missing)}: pip install 'ssole-hub[onnx]'")
     if calibration is not None:
-        from ssole_hub.extract_inputs import list_images
+        from ssole_hub.images import list_images
 
         list_images(calibration)
 
@@ -383,7 +383,7 @@ def _eval_results(path: str | None) -> dict | None:
 def _export_onnx(args: argparse.Namespace, out: Path) -> int:
     """Write the folder's ONNX files; a refused int8 file is a warning (the float32 file is
     written and the refusal recorded), so the exit status is 0 when the float32 file is."""
-    from ssole_hub.onnx_export import OnnxFileRefusedWarning, export_onnx, refusal_message
+    from ssole_hub.hub.onnx_export import OnnxFileRefusedWarning, export_onnx, refusal_message
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", OnnxFileRefusedWarning)  # printed below, once
@@ -459,7 +459,8 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from ssole_hub.extract import extract_dataset, summary
+    from ssole_hub.extract.dataset import extract_dataset
+    from ssole_hub.extract.resume import summary
 
     limits = {
         k: v

@@ -5,14 +5,13 @@ Preprocessing is never written here: it comes from the one resolver,
 pretrained config), so the extractor, ``ssole-hub extract``, the server and evaluation all feed a
 model exactly what it was trained for. The forward pass is
 :class:`ssole_hub.models.SSOLEModel`'s (``backend="torch"``) or OpenVINO's on the folder's ONNX
-files (:class:`ssole_hub.onnx_backend.OnnxModel`, ``"onnx"``, ``"onnx-bf16"``, ``"onnx-int8"``),
+files (:class:`ssole_hub.runtimes.openvino.OnnxModel`, ``"onnx"``, ``"onnx-bf16"``, ``"onnx-int8"``),
 called the same way;
 nothing else differs between backends.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -25,6 +24,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from ssole_hub.hub.load import guarded_backends, load_model, load_onnx_model
 from ssole_hub.images import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -33,62 +33,18 @@ from ssole_hub.images import (
     to_rgb,
 )
 from ssole_hub.models import Output, SSOLEModel, l2_normalize
-from ssole_hub.onnx_backend import Backend, OnnxModel, choose_backend
 from ssole_hub.preprocessing import resolve_preprocessing
+from ssole_hub.runtimes.backends import Backend, choose_backend
+from ssole_hub.runtimes.eager import default_device, inference_model, resolve_dtype
+from ssole_hub.runtimes.openvino import OnnxModel
 
-__all__ = ["FeatureExtractor", "ImageInput", "resolve_dtype"]
+__all__ = ["FeatureExtractor", "ImageInput"]
 
 ImageInput = (
     bytes | bytearray | memoryview | str | os.PathLike | Image.Image | torch.Tensor | np.ndarray
 )
 """One image: encoded bytes, a file path, a PIL image, a ``(C, H, W)`` tensor (``uint8``
 0..255 or float 0..1, C = 1 or 3) or an ``(H, W[, C])`` ``uint8`` array."""
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
-
-
-def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    """The compute dtype: ``None`` / ``"auto"`` means bfloat16 on a CUDA device that supports it
-    (float16 on older GPUs) and float32 elsewhere.
-
-    Raises:
-        ValueError: an unknown dtype name, or a dtype that is not a float type.
-    """
-    if dtype is None or dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(_DTYPES)}")
-        return _DTYPES[dtype]
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    return dtype
-
-
-def _device(device: torch.device | str | None) -> torch.device:
-    """``device``, or CUDA when available, else the CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _inference_model(model: nn.Module) -> SSOLEModel:
-    """A private eval-mode copy of ``model`` as an :class:`SSOLEModel`; ``model`` is untouched."""
-    if not isinstance(model, SSOLEModel):
-        projector = getattr(model, "projector", None)
-        backbone = getattr(model, "backbone", None)
-        model = SSOLEModel(backbone, projector) if backbone is not None else SSOLEModel(model)
-    return copy.deepcopy(model).eval().requires_grad_(False)
 
 
 def _model_id(module: nn.Module) -> str:
@@ -177,7 +133,7 @@ class FeatureExtractor:
             ValueError: an :class:`OnnxModel` with a non-CPU device, a dtype below float32 or
                 ``compile``.
         """
-        self.device = _device(device)
+        self.device = default_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         if isinstance(model, OnnxModel):
             if self.device.type != "cpu" or self.dtype != torch.float32 or compile:
@@ -204,7 +160,7 @@ class FeatureExtractor:
             self.model: SSOLEModel | OnnxModel = model
         else:
             # channels_last lets cuDNN and oneDNN pick their fastest convolution kernels.
-            self.model = _inference_model(model).to(self.device, memory_format=torch.channels_last)
+            self.model = inference_model(model).to(self.device, memory_format=torch.channels_last)
         self.dims: dict[Output, int] = self.model.output_dims
         self._run = torch.compile(self.model) if compile else self.model
 
@@ -249,7 +205,7 @@ class FeatureExtractor:
                 precision) or ``onnx/model_int8.onnx`` (written by ``ssole-hub export
                 --onnx``); ``"auto"``: torch on CUDA, and on a CPU the fastest backend that
                 the folder has and that passed its fidelity check at export (logged; see
-                :func:`ssole_hub.onnx_backend.choose_backend`).
+                :func:`ssole_hub.runtimes.backends.choose_backend`).
 
         Raises:
             ValueError: a bad ``dtype`` or ``backend``, an ONNX backend for a source that is
@@ -267,16 +223,20 @@ class FeatureExtractor:
             max_pixels=max_pixels,
             fast_decode=fast_decode,
         )
-        chosen = choose_backend(backend, model, _device(device))
-        if isinstance(model, nn.Module):
+        built = isinstance(model, nn.Module)
+        chosen = choose_backend(
+            backend,
+            default_device(device),
+            guarded=(lambda: []) if built else (lambda: guarded_backends(model)),
+            name=type(model).__name__ if built else os.fspath(model),
+        )
+        if built:
             if chosen != "torch":
                 raise ValueError(f"backend {chosen!r} needs a hub folder, not a built module")
             return cls(model, model_id=model_id, **kwargs)
-        from ssole_hub.hub.load import load_model
-
         name = os.fspath(model)
         if chosen != "torch":
-            onnx_model = OnnxModel.from_folder(name, chosen)
+            onnx_model = load_onnx_model(name, chosen)
             if with_projector and "projector" not in onnx_model.output_dims:
                 raise ValueError(f"{onnx_model.path} has no projector output")
             return cls(onnx_model, model_id=model_id or name, **kwargs)
@@ -398,7 +358,7 @@ class FeatureExtractor:
         """Embed images of any accepted kind (see :data:`ImageInput`), in input order.
 
         The next batch is decoded in a background thread while the current one runs through
-        the model. For millions of files use :func:`ssole_hub.extract.extract_dataset`.
+        the model. For millions of files use :func:`ssole_hub.extract_dataset`.
 
         Args:
             images: one image, a list of them, or an ``(n, C, H, W)`` image tensor.

@@ -52,6 +52,7 @@ __all__ = [
     "UnsupportedImageError",
     "decode_image",
     "is_image_path",
+    "list_images",
     "to_rgb",
 ]
 
@@ -326,3 +327,47 @@ def is_image_path(path: str | os.PathLike, extensions: Sequence[str] | None = No
     """Whether ``path`` has an image file extension (:data:`IMAGE_EXTENSIONS` by default)."""
     exts = IMAGE_EXTENSIONS if extensions is None else {e.lower() for e in extensions}
     return Path(path).suffix.lower() in exts
+
+
+def list_images(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[str], Path]:
+    """The images to extract, in a fixed order, and the folder their paths are relative to.
+
+    Args:
+        inputs: a folder (scanned recursively for image extensions, hidden entries skipped,
+            sorted), a text file with one path per line (blank lines and ``#`` comments
+            skipped; relative paths are relative to the file's folder; only ``\\n`` ends a
+            line), or a list of paths (relative to the current directory).
+
+    Returns:
+        ``(paths, root)``: paths as they are recorded in the output, and the folder that relative
+        ones are resolved against.
+
+    Raises:
+        FileNotFoundError: ``inputs`` does not exist.
+        ValueError: no images were found.
+    """
+    if isinstance(inputs, str | os.PathLike):
+        src = Path(inputs)
+        if src.is_dir():
+            root = src
+            paths = sorted(
+                p.relative_to(src).as_posix()
+                for p in src.rglob("*")
+                if p.is_file()
+                and is_image_path(p)
+                and not any(part.startswith(".") for part in p.relative_to(src).parts)
+            )
+        elif src.is_file():
+            root = src.parent
+            lines = (line.strip() for line in src.read_text().split("\n"))
+            paths = [line for line in lines if line and not line.startswith("#")]
+        elif not src.exists():
+            raise FileNotFoundError(f"input {src} does not exist")
+        else:
+            raise FileNotFoundError(f"input {src} is neither a folder nor a list of paths")
+    else:
+        root = Path.cwd()
+        paths = [os.fspath(p) for p in inputs]
+    if not paths:
+        raise ValueError(f"no images found in {inputs}")
+    return paths, root

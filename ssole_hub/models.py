@@ -9,7 +9,8 @@ The builders are reached through timm only (``timm.create_model("ssole_resnet18"
 defaults, random init and train mode unless asked otherwise); the package does not export them,
 because ``torch.hub``'s ``ssole_resnet18`` (:mod:`ssole_hub.hub.torch_hub`) is a different thing:
 pretrained weights, eval mode. With ``pretrained=True`` they fail at once, naming the ways out,
-when the weights are neither cached nor downloadable (:mod:`ssole_hub.hub.fetch`).
+when the weights are neither cached nor downloadable: ``import ssole_hub`` puts one lookup in
+front of timm's Hub downloads (:func:`ssole_hub.hub.fetch.fail_fast_timm_downloads`).
 """
 
 from __future__ import annotations
@@ -20,11 +21,9 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg
+from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet, _create_resnet
 from torch import nn
-
-from ssole_hub.hub.fetch import require_pretrained_weights
 
 __all__ = [
     "HUB_ORG",
@@ -83,14 +82,6 @@ def _create(
     variant: str, pretrained: bool, block: type[nn.Module], layers: list[int], **kwargs
 ) -> ResNet:
     kwargs.setdefault("num_classes", 0)
-    if pretrained:
-        # timm's own download retries an unreachable Hub for half a minute, then fails vaguely.
-        cfg = resolve_pretrained_cfg(
-            variant,
-            pretrained_cfg=kwargs.get("pretrained_cfg"),
-            pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"),
-        )
-        require_pretrained_weights(cfg.to_dict(), kwargs.get("cache_dir"))
     return _create_resnet(variant, pretrained, **dict(block=block, layers=layers), **kwargs)
 
 

@@ -20,6 +20,7 @@ import torch
 from timm.models import get_pretrained_cfg, is_model
 from torch import nn
 
+from ssole_hub.errors import HubFolderError
 from ssole_hub.file_modes import give_umask_mode
 from ssole_hub.hub.checkpoint import ModelCheckpoint, load_model_checkpoint
 from ssole_hub.hub.fetch import local_fetch
@@ -31,7 +32,6 @@ from ssole_hub.hub.folder import (
     PROJECTOR_FILE,
     SSOLE_FILE,
     WEIGHTS_FILE,
-    HubFolderError,
     build_projector,
     drop_classifier,
     load_checked,
@@ -42,7 +42,8 @@ from ssole_hub.hub.folder import (
 from ssole_hub.hub.model_card import render_model_card
 from ssole_hub.hub.model_stats import measure_model_stats
 from ssole_hub.models import HUB_ORG
-from ssole_hub.onnx_backend import ONNX_FILES, check_session, open_session
+from ssole_hub.runtimes.backends import ONNX_FILES
+from ssole_hub.runtimes.openvino import check_session, open_session
 from ssole_hub.version import __version__
 
 __all__ = ["HubFolder", "export_hub_folder", "validate_hub_folder"]
@@ -192,13 +193,7 @@ def export_hub_folder(
     meta = {**ckpt.metadata, **(metadata or {})}
     results = {**meta.pop("eval_results", {}), **(eval_results or {})}
 
-    # Build the vanilla model once: it checks the weights fit, gives num_features and is measured.
-    backbone = timm.create_model(timm_arch, pretrained=False, num_classes=0)
-    load_checked(backbone, backbone_state, f"{ckpt.arch} backbone weights")
-    projector_config = dict(ckpt.projector_config) if ckpt.projector else None
-    if projector_config is not None:
-        build_projector(projector_config, ckpt.projector, backbone.num_features, "projector")
-    stats = measure_model_stats(backbone, pretrained_cfg["input_size"])
+    backbone, projector_config = _checked_model(ckpt, timm_arch, backbone_state)
     config = {
         "architecture": timm_arch,
         "num_classes": 0,
@@ -212,7 +207,7 @@ def export_hub_folder(
         "timm_architecture": timm_arch,
         "num_features": backbone.num_features,
         "projector_config": projector_config,
-        "model_stats": stats.to_dict(),
+        "model_stats": measure_model_stats(backbone, pretrained_cfg["input_size"]).to_dict(),
         "metadata": meta,
         "eval_results": results,
         "code_version": _code_version(),
@@ -231,6 +226,20 @@ def export_hub_folder(
     files = {CONFIG_FILE: config, SSOLE_FILE: ssole, MODEL_CARD_FILE: card}
     _write_folder(out, backbone_state, ckpt.projector if projector_config else None, files)
     return out
+
+
+def _checked_model(
+    ckpt: ModelCheckpoint, timm_arch: str, backbone_state: Mapping[str, torch.Tensor]
+) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The vanilla timm backbone with ``backbone_state`` loaded (which checks that the weights
+    fit; it gives ``num_features`` and is measured), and the projector's config once its weights
+    were checked too (``None`` without a projector)."""
+    backbone = timm.create_model(timm_arch, pretrained=False, num_classes=0)
+    load_checked(backbone, backbone_state, f"{ckpt.arch} backbone weights")
+    projector_config = dict(ckpt.projector_config) if ckpt.projector else None
+    if projector_config is not None:
+        build_projector(projector_config, ckpt.projector, backbone.num_features, "projector")
+    return backbone, projector_config
 
 
 def _read_source(

@@ -13,18 +13,16 @@ fails at once instead, with :class:`HubUnavailableError` naming the repo and the
 reachable Hub sees one extra ``HEAD`` request on a file's first download; cached files are
 untouched (``hf_hub_download`` falls back to them by itself, without retrying).
 
-The ``ssole_resnet*`` timm builders call :func:`require_pretrained_weights`, so plain
-``timm.create_model("ssole_resnet50", pretrained=True)`` fails the same way.
-``import ssole_hub`` also calls :func:`fail_fast_timm_downloads`, which puts the same single
-lookup in front of the one function timm downloads Hub files with, so
-``timm.create_model("hf-hub:ORG/NAME", pretrained=True)`` (and any other timm Hub download)
-fails at once too, with :class:`HubUnavailableError`.
+``import ssole_hub`` calls :func:`fail_fast_timm_downloads`, which puts the same single lookup in
+front of the one function timm downloads Hub files with, so plain
+``timm.create_model("ssole_resnet50", pretrained=True)`` and
+``timm.create_model("hf-hub:ORG/NAME", pretrained=True)`` (and any other timm Hub download) fail
+at once too, with :class:`HubUnavailableError`.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +52,6 @@ __all__ = [
     "hub_fetch",
     "local_fetch",
     "require_hub_file",
-    "require_pretrained_weights",
 ]
 
 Fetch = Callable[[str], Path]
@@ -178,25 +175,6 @@ def hub_fetch(repo_id: str, revision: str | None) -> Fetch:
         return fetch_hub_file(repo_id, name, revision)
 
     return fetch
-
-
-def require_pretrained_weights(pretrained_cfg: Mapping[str, Any], cache_dir: Any = None) -> None:
-    """For a timm builder: fail fast (:func:`require_hub_file`) when ``pretrained_cfg`` takes its
-    weights from a Hub repo that cannot be had; weights from a file, a state dict or a local
-    folder need nothing.
-
-    Raises:
-        HubUnavailableError: the weights file is not cached and cannot be fetched.
-    """
-    local = pretrained_cfg.get("file") or pretrained_cfg.get("state_dict") is not None
-    hub_id = pretrained_cfg.get("hf_hub_id")
-    if local or pretrained_cfg.get("source") == "local-dir" or not hub_id:
-        return
-    repo_id, _, revision = hub_id.partition("@")
-    filename = pretrained_cfg.get("hf_hub_filename") or "pytorch_model.bin"
-    require_hub_file(
-        repo_id, filename, revision or None, os.fspath(cache_dir) if cache_dir else None
-    )
 
 
 class _TimmHubUnavailableError(HubUnavailableError, EntryNotFoundError):

@@ -8,7 +8,7 @@ A hub folder holds one checkpoint in a form plain timm loads (see the architectu
 - ``projector.safetensors`` and ``ssole.json``: the SSOLE projector and the training metadata,
   evaluation results and code version;
 - ``README.md``: the model card (:mod:`ssole_hub.hub.model_card`);
-- optionally ``onnx/model.onnx`` and ``onnx/model_int8.onnx`` (:mod:`ssole_hub.onnx_export`).
+- optionally ``onnx/model.onnx`` and ``onnx/model_int8.onnx`` (:mod:`ssole_hub.hub.onnx_export`).
 
 The readers take a *fetch* function (:mod:`ssole_hub.hub.fetch`: file name -> local path), so a
 folder on disk and a Hub repo are read by the same code. Weights are only ever read from
@@ -28,6 +28,7 @@ import torch
 from timm.models import is_model
 from torch import nn
 
+from ssole_hub.errors import HubFolderError
 from ssole_hub.hub.fetch import Fetch
 from ssole_hub.models import SSOLEProjector
 
@@ -41,7 +42,6 @@ __all__ = [
     "PROJECTOR_FILE",
     "SSOLE_FILE",
     "WEIGHTS_FILE",
-    "HubFolderError",
     "build_projector",
     "drop_classifier",
     "has_projector",
@@ -77,10 +77,6 @@ EXPORTED_CFG_KEYS = (
     "classifier",
     "license",
 )
-
-
-class HubFolderError(ValueError):
-    """A hub folder (or a file in it) is incomplete, unreadable or does not fit its architecture."""
 
 
 def drop_classifier(state: Mapping[str, torch.Tensor], classifier: str | None) -> dict[str, Any]:

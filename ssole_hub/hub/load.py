@@ -1,12 +1,18 @@
-"""The project's one model loader, :func:`load_model`.
+"""The project's one model loader, :func:`load_model`, and the loader of a hub folder's ONNX
+forward passes, :func:`load_onnx_model`.
 
-It takes registered names (``ssole_resnet18``, ``ssole_resnet18.in100_m4``), ``hf-hub:ORG/NAME``,
-``local-dir:PATH``, a hub folder path, or a training checkpoint, and returns eval-mode models whose
-``pretrained_cfg`` drives timm's preprocessing resolution.
+:func:`load_model` takes registered names (``ssole_resnet18``, ``ssole_resnet18.in100_m4``),
+``hf-hub:ORG/NAME``, ``local-dir:PATH``, a hub folder path, or a training checkpoint, and returns
+eval-mode models whose ``pretrained_cfg`` drives timm's preprocessing resolution.
+:func:`guarded_backends` says which ONNX backends a folder offers (its file is there and passed
+its check at export), and :func:`load_onnx_model` opens one as an
+:class:`~ssole_hub.runtimes.openvino.OnnxModel`.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 from pathlib import Path
 
@@ -14,24 +20,37 @@ import timm
 from timm.models import get_pretrained_cfg, is_model, split_model_name_tag
 from torch import nn
 
+from ssole_hub.errors import HubFolderError
 from ssole_hub.hub.checkpoint import load_model_checkpoint
 from ssole_hub.hub.fetch import Fetch, check_repo_id, hub_fetch, local_fetch
 from ssole_hub.hub.folder import (
     CHECKPOINT_SUFFIXES,
+    CONFIG_FILE,
     EXPORTED_CFG_KEYS,
+    SSOLE_FILE,
     WEIGHTS_FILE,
-    HubFolderError,
     build_projector,
     drop_classifier,
     has_projector,
     load_checked,
     read_backbone,
+    read_json,
     read_projector,
     read_safetensors,
 )
 from ssole_hub.models import SSOLEModel, SSOLEProjector
+from ssole_hub.runtimes.backends import (
+    BACKEND_FILES,
+    BACKEND_PREFERENCE,
+    EXPORT_COMMAND,
+    PRECISIONS,
+    Backend,
+)
+from ssole_hub.runtimes.openvino import OnnxModel, open_session
 
-__all__ = ["load_model"]
+__all__ = ["guarded_backends", "load_model", "load_onnx_model"]
+
+log = logging.getLogger("ssole_hub")
 
 
 def _known_names() -> list[str]:
@@ -167,3 +186,74 @@ def _load_checkpoint_model(path: Path, pretrained: bool, with_projector: bool | 
         f"{path} projector",
     )
     return SSOLEModel(backbone, projector, ckpt.metadata).eval()
+
+
+def _fetch_for(model: str | os.PathLike) -> Fetch | None:
+    """A fetch for a hub folder or ``hf-hub:`` repo; ``None`` for other model sources."""
+    name = os.fspath(model)
+    source, _, ref = name.partition(":")
+    if source == "hf-hub" and ref:
+        repo_id, _, revision = ref.partition("@")
+        check_repo_id(repo_id)
+        return hub_fetch(repo_id, revision or None)
+    path = Path(ref if source == "local-dir" and ref else name)
+    return local_fetch(path) if path.is_dir() else None
+
+
+def guarded_backends(model: str | os.PathLike) -> list[Backend]:
+    """The ONNX backends whose file ``model`` (a hub folder or ``hf-hub:`` repo) has and whose
+    fidelity check, recorded in ``ssole.json`` at export, passed; in :data:`BACKEND_PREFERENCE`
+    order. Empty for names, checkpoints, folders without ONNX files, and without OpenVINO."""
+    fetch = _fetch_for(model)
+    if fetch is None:
+        return []
+    if importlib.util.find_spec("openvino") is None:
+        log.info("openvino is not installed: the ONNX files of %s are not used", model)
+        return []
+    try:
+        record = read_json(fetch(SSOLE_FILE), SSOLE_FILE).get("onnx") or {}
+    except FileNotFoundError:
+        return []
+    found: list[Backend] = []
+    for backend in BACKEND_PREFERENCE[:-1]:
+        figures = (record.get("backends") or {}).get(backend) or {}
+        if not figures.get("passed"):
+            continue
+        try:
+            fetch(BACKEND_FILES[backend])
+        except FileNotFoundError:
+            continue
+        found.append(backend)
+    return found
+
+
+def load_onnx_model(model: str | os.PathLike, backend: Backend) -> OnnxModel:
+    """Open ``backend``'s file of ``model`` (a hub folder, ``local-dir:PATH`` or ``hf-hub:``).
+
+    Raises:
+        FileNotFoundError: the folder lacks the file (names the export command).
+        ValueError: ``model`` is not a hub folder or Hub repo.
+        HubFolderError: the file is unreadable or does not fit ``config.json``.
+    """
+    fetch = _fetch_for(model)
+    if fetch is None:
+        raise ValueError(
+            f"backend {backend!r} needs a hub folder or hf-hub: repo with ONNX files; "
+            f"{os.fspath(model)!r} is neither (write one with `{EXPORT_COMMAND}`)"
+        )
+    name = BACKEND_FILES[backend]
+    try:
+        path = fetch(name)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{os.fspath(model)} has no {name} for backend {backend!r}; write it with "
+            f"`{EXPORT_COMMAND}` (int8 needs --calibration)"
+        ) from exc
+    config = read_json(fetch(CONFIG_FILE), CONFIG_FILE)
+    session = open_session(path, name, precision=PRECISIONS[backend])
+    onnx_model = OnnxModel(session, backend, dict(config["pretrained_cfg"]), path)
+    if onnx_model.precision != PRECISIONS[backend]:
+        log.warning(
+            "%s runs at %s on this CPU (no bfloat16 support)", backend, onnx_model.precision
+        )
+    return onnx_model

@@ -10,7 +10,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from ssole_hub.hub.export import validate_hub_folder
 from ssole_hub.hub.fetch import check_repo_id
 from ssole_hub.hub.folder import HUB_FILES
-from ssole_hub.onnx_backend import ONNX_FILES
+from ssole_hub.runtimes.backends import ONNX_FILES
 
 __all__ = ["push_to_hub"]
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ssole_hub import FeatureExtractor, export_onnx
-from ssole_hub.onnx_backend import FIDELITY_LIMITS
+from ssole_hub.runtimes.backends import FIDELITY_LIMITS
 
 BACKENDS = ("onnx", "onnx-bf16", "onnx-int8")
 

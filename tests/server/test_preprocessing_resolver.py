@@ -11,8 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from ssole_hub import FeatureExtractor
-from ssole_hub.extract import extract_dataset, read_embeddings
+from ssole_hub import FeatureExtractor, extract_dataset, read_embeddings
 from training.evaluate import evaluate
 
 pytestmark = pytest.mark.slow

@@ -390,7 +390,7 @@ def _assert_same_extraction(out: Path, reference: Path) -> None:
     float tolerance), errors, counts and shard list."""
     import numpy as np
 
-    from ssole_hub.extract import read_embeddings
+    from ssole_hub import read_embeddings
 
     def listing(folder: Path) -> list[str]:
         return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())

@@ -14,9 +14,16 @@ import pytest
 import timm
 import torch
 
-from ssole_hub import FeatureExtractor, SSOLEModel, SSOLEProjector, export_hub_folder
+from ssole_hub import (
+    FeatureExtractor,
+    SSOLEModel,
+    SSOLEProjector,
+    export_hub_folder,
+    extract_dataset,
+    read_embeddings,
+)
 from ssole_hub.cli import main
-from ssole_hub.extract import extract_dataset, list_images, read_embeddings
+from ssole_hub.images import list_images
 
 REPO = Path(__file__).resolve().parents[2]
 BAD = {

@@ -9,10 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-from ssole_hub import FeatureExtractor
+from ssole_hub import FeatureExtractor, extract_dataset, read_embeddings
 from ssole_hub.cli import main
-from ssole_hub.extract import extract_dataset, read_embeddings
-from ssole_hub.extract_inputs import expand_braces
+from ssole_hub.extract.inputs import expand_braces
 
 
 def _errors(out) -> dict[str, str]:

@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ssole_hub import extract_dataset, read_embeddings
 from ssole_hub.cli import main
-from ssole_hub.extract import extract_dataset, read_embeddings
-from ssole_hub.ray import Resources, _resources
+from ssole_hub.extract.ray import Resources, _resources
 
 pytest.importorskip("ray", reason="the Ray engine needs the [ray] extra")
-pytestmark = pytest.mark.slow
+# One Ray instance for the module, on one worker (make test spreads the rest over several).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -115,7 +116,7 @@ def test_the_ray_engine_writes_what_the_plain_engine_writes(
 
 _KILLED_RUN = """
 import os, signal, sys
-import ssole_hub.extract_output as output
+import ssole_hub.extract.output as output
 from ssole_hub.cli import main
 
 write = output.write_atomic

@@ -21,18 +21,14 @@ from ssole_hub import (
     SSOLEProjector,
     export_hub_folder,
     export_onnx,
+    read_embeddings,
     validate_hub_folder,
 )
 from ssole_hub.cli import main
-from ssole_hub.extract import read_embeddings
-from ssole_hub.extract_output import MANIFEST_FILE
-from ssole_hub.onnx_backend import (
-    BACKEND_PREFERENCE,
-    FIDELITY_LIMITS,
-    ONNX_FILES,
-    guarded_backends,
-)
-from ssole_hub.onnx_export import OnnxFileRefusedWarning, neighbour_agreement
+from ssole_hub.extract.output import MANIFEST_FILE
+from ssole_hub.hub.load import guarded_backends
+from ssole_hub.hub.onnx_export import OnnxFileRefusedWarning, neighbour_agreement
+from ssole_hub.runtimes.backends import BACKEND_PREFERENCE, FIDELITY_LIMITS, ONNX_FILES
 
 REPO = Path(__file__).resolve().parents[2]
 PX = 64
@@ -294,7 +290,7 @@ def test_a_file_that_changes_retrieval_is_refused_naming_the_check(
 ):
     """With the neighbour-agreement limit above 1, no file can pass: the first is refused by
     that check alone (its cosine is fine), and the folder keeps its files."""
-    import ssole_hub.onnx_export as onnx_export
+    import ssole_hub.hub.onnx_export as onnx_export
 
     folder = _copy(onnx_folder, tmp_path)
     before = (folder / ONNX_FILES["onnx"]).read_bytes()
@@ -399,7 +395,7 @@ def test_opening_a_file_leaves_the_threads_signal_stack_as_it_was(onnx_folder):
     import ctypes
     import threading
 
-    from ssole_hub.onnx_backend import _SignalStack
+    from ssole_hub.runtimes.signal_stack import _SignalStack
 
     libc = ctypes.CDLL(None)
 

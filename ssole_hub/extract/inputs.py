@@ -15,7 +15,7 @@ holds the records of input shard ``k``, in their order. Each record keeps a stab
 Ids may hold any character, line breaks included (the output records them as JSON strings).
 
 Both engines read tars and parquet files through :meth:`TarShards.records` /
-:meth:`ParquetFiles.records` here (the Ray engine in Ray tasks, :mod:`ssole_hub.ray`), so they
+:meth:`ParquetFiles.records` here (the Ray engine in Ray tasks, :mod:`ssole_hub.extract.ray`), so they
 give the same shards, ids and errors. An input file that cannot be read (empty, not a tar or
 parquet file, truncated) raises :class:`UnreadableInputError` naming it: its shard is listed as
 failed, never embedded in part, and the other shards go on.
@@ -37,7 +37,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from ssole_hub.images import ImageDecodeError, is_image_path
+from ssole_hub.images import ImageDecodeError, list_images
 
 __all__ = [
     "WEBDATASET_IMAGE_SUFFIXES",
@@ -52,7 +52,6 @@ __all__ = [
     "expand_braces",
     "image_bytes",
     "input_error_entry",
-    "list_images",
     "open_input",
     "relative_names",
     "webdataset_key",
@@ -150,50 +149,6 @@ def webdataset_key(member: str) -> tuple[str, str] | tuple[None, None]:
     name up to the first dot of its last part); ``(None, None)`` for a name without a dot."""
     match = re.match(r"^((?:.*/|)[^.]+)[.]([^/]*)$", member)
     return (match.group(1), match.group(2)) if match else (None, None)
-
-
-def list_images(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[str], Path]:
-    """The images to extract, in a fixed order, and the folder their paths are relative to.
-
-    Args:
-        inputs: a folder (scanned recursively for image extensions, hidden entries skipped,
-            sorted), a text file with one path per line (blank lines and ``#`` comments
-            skipped; relative paths are relative to the file's folder; only ``\\n`` ends a
-            line), or a list of paths (relative to the current directory).
-
-    Returns:
-        ``(paths, root)``: paths as they are recorded in the output, and the folder that relative
-        ones are resolved against.
-
-    Raises:
-        FileNotFoundError: ``inputs`` does not exist.
-        ValueError: no images were found.
-    """
-    if isinstance(inputs, str | os.PathLike):
-        src = Path(inputs)
-        if src.is_dir():
-            root = src
-            paths = sorted(
-                p.relative_to(src).as_posix()
-                for p in src.rglob("*")
-                if p.is_file()
-                and is_image_path(p)
-                and not any(part.startswith(".") for part in p.relative_to(src).parts)
-            )
-        elif src.is_file():
-            root = src.parent
-            lines = (line.strip() for line in src.read_text().split("\n"))
-            paths = [line for line in lines if line and not line.startswith("#")]
-        elif not src.exists():
-            raise FileNotFoundError(f"input {src} does not exist")
-        else:
-            raise FileNotFoundError(f"input {src} is neither a folder nor a list of paths")
-    else:
-        root = Path.cwd()
-        paths = [os.fspath(p) for p in inputs]
-    if not paths:
-        raise ValueError(f"no images found in {inputs}")
-    return paths, root
 
 
 def relative_names(files: Sequence[str]) -> list[str]:

@@ -3,7 +3,7 @@
 It writes ``onnx/model.onnx`` (float32: the backbone, and the projector as a second output when
 the folder has one; dynamic batch size) and, when calibration photos are given,
 ``onnx/model_int8.onnx`` (static int8 by ``onnxruntime.quantization.quantize_static``, calibrated
-on those photos). Each backend that runs the files (:mod:`ssole_hub.onnx_backend`: ``onnx``,
+on those photos). Each backend that runs the files (:mod:`ssole_hub.runtimes.openvino`: ``onnx``,
 ``onnx-bf16``, ``onnx-int8``, all on OpenVINO) is compared with float32 eager torch on real
 photos, every output, raw (not normalised):
 
@@ -22,7 +22,7 @@ photos, every output, raw (not normalised):
   out). ``onnx-bf16`` runs the float32 file, so missing its limit only marks it not passed, and
   ``auto`` does not pick it;
 - the measured figures go into ``ssole.json`` (``"onnx"``) and the model card, and
-  :func:`~ssole_hub.onnx_backend.guarded_backends` reads them for ``backend="auto"``.
+  :func:`~ssole_hub.hub.load.guarded_backends` reads them for ``backend="auto"``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ from ssole_hub.hub.load import load_model
 from ssole_hub.hub.model_card import with_onnx_section
 from ssole_hub.images import decode_image
 from ssole_hub.models import SSOLEModel
-from ssole_hub.onnx_backend import (
+from ssole_hub.preprocessing import resolve_preprocessing
+from ssole_hub.runtimes.backends import (
     BACKEND_FILES,
     FIDELITY_LIMITS,
     INPUT_NAME,
@@ -55,10 +56,8 @@ from ssole_hub.onnx_backend import (
     ONNX_FILES,
     PRECISIONS,
     Backend,
-    OnnxModel,
-    open_session,
 )
-from ssole_hub.preprocessing import resolve_preprocessing
+from ssole_hub.runtimes.openvino import OnnxModel, open_session
 
 __all__ = [
     "NEIGHBOUR_K",
@@ -112,7 +111,7 @@ def guard_photos(model: nn.Module, calibration: Calibration | None) -> tuple[tor
     """
     transform = resolve_preprocessing(model).transform
     if calibration is not None:
-        from ssole_hub.extract import list_images
+        from ssole_hub.images import list_images
 
         paths, root = list_images(calibration)
         images = [decode_image(root / p) for p in paths]
@@ -305,7 +304,7 @@ def export_onnx(
             calibrate ``onnx/model_int8.onnx`` on; without them only ``onnx/model.onnx`` is
             written (and any older int8 file removed). They are also the guard photos.
         limits: min-cosine limits per backend (``"onnx"``, ``"onnx-bf16"``, ``"onnx-int8"``)
-            over :data:`~ssole_hub.onnx_backend.FIDELITY_LIMITS`, e.g. ``{"onnx-int8": 0.995}``
+            over :data:`~ssole_hub.runtimes.backends.FIDELITY_LIMITS`, e.g. ``{"onnx-int8": 0.995}``
             for a stricter int8 check; each in (0, 1].
 
     Returns:

@@ -122,7 +122,7 @@ def _encode(emb: np.ndarray, ids: list[str], file_format: FileFormat) -> bytes:
         return save({"embeddings": np.ascontiguousarray(emb)})
     buf = io.BytesIO()
     if file_format == "parquet":
-        from ssole_hub.extract_inputs import pyarrow_parquet
+        from ssole_hub.extract.inputs import pyarrow_parquet
 
         pq = pyarrow_parquet()
         import pyarrow as pa
@@ -183,7 +183,7 @@ def write_failed_shard(
     name: str,
 ) -> None:
     """Record that input shard ``k`` (``name``) could not be read (``error``: its
-    :func:`~ssole_hub.extract_inputs.input_error_entry`): no rows of it are kept (a leftover of
+    :func:`~ssole_hub.extract.inputs.input_error_entry`): no rows of it are kept (a leftover of
     an earlier attempt is removed), and a ``"failed"`` marker, which a re-run retries."""
     files = shard_files(k, file_format)
     (out / SHARDS_DIR).mkdir(exist_ok=True)
@@ -340,7 +340,7 @@ def _remove_stale(out: Path, num_shards: int) -> None:
 
 def _read_ids(out: Path, shard: dict[str, Any], file_format: str) -> list[str]:
     if file_format == "parquet":
-        from ssole_hub.extract_inputs import pyarrow_parquet
+        from ssole_hub.extract.inputs import pyarrow_parquet
 
         table = pyarrow_parquet().read_table(out / shard["embeddings"], columns=["id"])
         return table.column("id").to_pylist()
@@ -409,7 +409,7 @@ def write_manifest(
 def _read_shard(out: Path, shard: dict[str, Any], file_format: str) -> tuple[np.ndarray, list]:
     file = out / shard["embeddings"]
     if file_format == "parquet":
-        from ssole_hub.extract_inputs import pyarrow_parquet
+        from ssole_hub.extract.inputs import pyarrow_parquet
 
         table = pyarrow_parquet().read_table(file)
         column = table.column("embedding").combine_chunks()

@@ -3,7 +3,7 @@ of ``ssole-hub extract`` (:func:`extract_with_ray`).
 
 In your own Ray Data pipeline, three lines embed any dataset with an encoded-image column::
 
-    from ssole_hub.ray import Embedder
+    from ssole_hub.extract.ray import Embedder
     ds = ray.data.read_parquet("images/")  # or read_webdataset / read_binary_files / read_images
     ds = ds.map_batches(Embedder, fn_constructor_kwargs={"model": "hf-hub:ORG/NAME"},
                         compute=ray.data.ActorPoolStrategy(size=4), num_gpus=1, batch_size=64)
@@ -31,8 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from ssole_hub.extract import Options, fingerprint, manifest_header, resumable_shards
-from ssole_hub.extract_inputs import (
+from ssole_hub.extract.inputs import (
     ImageFiles,
     InputSource,
     MissingImageError,
@@ -43,9 +42,11 @@ from ssole_hub.extract_inputs import (
     image_bytes,
     input_error_entry,
 )
-from ssole_hub.extract_output import write_failed_shard, write_manifest, write_shard
-from ssole_hub.extractor import FeatureExtractor, resolve_dtype
+from ssole_hub.extract.output import write_failed_shard, write_manifest, write_shard
+from ssole_hub.extract.resume import Options, fingerprint, manifest_header, resumable_shards
+from ssole_hub.extractor import FeatureExtractor
 from ssole_hub.models import Output
+from ssole_hub.runtimes.eager import resolve_dtype
 
 __all__ = ["Embedder", "check_ray_address", "extract_with_ray", "require_ray"]
 
@@ -370,7 +371,7 @@ def extract_with_ray(
     concurrency: int | None = None,
     num_cpus_per_worker: float | None = None,
 ) -> dict[str, Any]:
-    """The ``ray`` engine of :func:`ssole_hub.extract.extract_dataset` (call that instead).
+    """The ``ray`` engine of :func:`ssole_hub.extract_dataset` (call that instead).
 
     Reads ``source`` in Ray tasks (image files with Ray Data's ``read_binary_files``; each tar
     or parquet file with the plain engine's reader, so an unreadable one fails its own shard

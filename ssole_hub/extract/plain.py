@@ -1,0 +1,217 @@
+"""The ``plain`` extraction engine: this machine, or the ranks of a ``torchrun`` job.
+
+Records are decoded by :mod:`ssole_hub.images` in DataLoader worker processes while the model runs
+on earlier batches. Under ``torchrun`` rank ``r`` of ``W`` takes shards ``r, r + W, r + 2W, ...``
+(on ``cuda:LOCAL_RANK`` when there is a GPU); the output folder must be shared by all ranks
+(multi-node: a shared file system). When every rank is done, rank 0 writes the manifest.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ssole_hub.extract.inputs import (
+    ImageFiles,
+    InputSource,
+    Record,
+    UnreadableInputError,
+    error_entry,
+    input_error_entry,
+)
+from ssole_hub.extract.output import write_failed_shard, write_manifest, write_shard
+from ssole_hub.extract.resume import Options, fingerprint, manifest_header, resumable_shards
+from ssole_hub.extractor import FeatureExtractor
+from ssole_hub.images import ImageDecodeError, decode_image
+
+__all__ = ["extract_plain"]
+
+# Ranks wait for the slowest one before rank 0 writes the manifest; a shard can take long.
+_BARRIER_TIMEOUT = timedelta(hours=12)
+
+
+class _Batch(NamedTuple):
+    """Records of one shard for one forward pass; ``last``: the shard's final batch; ``failure``
+    (on a last batch): why the shard's input file could not be read."""
+
+    shard: int
+    records: list[Record]
+    last: bool
+    failure: dict[str, str] | None = None
+
+
+def _batches(source: InputSource, pending: list[int], batch_size: int) -> Iterator[_Batch]:
+    # Read lazily in the main process (file paths, or tar members and parquet cells as bytes);
+    # batches never straddle two shards, so a shard is complete when its last batch arrives.
+    for k in pending:
+        batch: list[Record] = []
+        try:
+            for record in source.records(k):
+                if len(batch) == batch_size:
+                    yield _Batch(k, batch, False)
+                    batch = []
+                batch.append(record)
+        except UnreadableInputError as exc:
+            yield _Batch(k, [], True, input_error_entry(source.files[k], str(exc)))
+            continue
+        yield _Batch(k, batch, True)
+
+
+class _DecodeBatches(Dataset):
+    """Decodes and preprocesses a batch of records; a bad one becomes an error entry."""
+
+    def __init__(self, fx: FeatureExtractor) -> None:
+        self.transform = fx.transform
+        self.decode_options = fx.decode_options
+
+    def __getitems__(self, batch: _Batch):
+        ids, tensors, errors = [], [], []
+        for record in batch.records:
+            try:
+                if isinstance(record.data, Exception):
+                    raise record.data
+                tensors.append(self.transform(decode_image(record.data, **self.decode_options)))
+                ids.append(record.id)
+            except (ImageDecodeError, OSError) as exc:
+                errors.append(error_entry(record.id, type(exc).__name__, str(exc)))
+        images = torch.stack(tensors) if tensors else torch.empty(0)
+        return batch.shard, batch.last, len(batch.records), ids, images, errors, batch.failure
+
+
+def _unbatched(batch):
+    return batch
+
+
+def _distributed() -> tuple[int, int, int, bool]:
+    """``(rank, world_size, local_rank, created)``; joins the torchrun job if there is one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0, False
+    # Extraction needs no tensor collectives, only a barrier before the manifest is written; gloo
+    # (CPU) does that on every machine, GPU or not, without NCCL's short watchdog timeouts.
+    dist.init_process_group("gloo", timeout=_BARRIER_TIMEOUT)
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), True
+
+
+def _barrier() -> None:
+    if dist.get_backend() == "gloo":
+        dist.barrier()
+    else:
+        # A barrier on the caller's NCCL group would need a device; a gloo side group does not.
+        dist.barrier(group=dist.new_group(backend="gloo", timeout=_BARRIER_TIMEOUT))
+
+
+def extract_plain(
+    model: str | os.PathLike | torch.nn.Module | FeatureExtractor,
+    inputs: Any,
+    source: InputSource,
+    out: Path,
+    options: Options,
+    load: dict[str, Any],
+    device: torch.device | str | None,
+    batch_size: int,
+    num_workers: int | None,
+    progress: bool,
+) -> dict[str, Any]:
+    rank, world, local_rank, created_group = _distributed()
+    try:
+        if isinstance(model, FeatureExtractor):
+            fx = model
+        else:
+            if device is None and torch.cuda.is_available():
+                device = f"cuda:{local_rank}"
+            fx = FeatureExtractor.from_pretrained(model, device=device, **load)
+        if options.output not in fx.dims:
+            raise ValueError(
+                f"output {options.output!r} is not available; the model has {list(fx.dims)}"
+            )
+        run_fingerprint = fingerprint(fx, options, source)
+        mine = list(range(rank, source.num_shards, world))
+        pending = resumable_shards(
+            out, mine, options, run_fingerprint, source, rank=rank, world=world, barrier=_barrier
+        )
+        workers = _default_workers() if num_workers is None else num_workers
+        _run_shards(
+            fx,
+            options,
+            source,
+            out,
+            pending,
+            batch_size,
+            workers,
+            run_fingerprint,
+            progress and rank == 0,
+        )
+        if world > 1:
+            _barrier()
+        if rank != 0:
+            return {"rank": rank, "shards": mine, "extracted": pending}
+        header = manifest_header(
+            fx, options, inputs, source, run_fingerprint, engine="plain", world_size=world
+        )
+        manifest = write_manifest(out, header, source.shard_names, options.file_format)
+    finally:
+        if created_group:
+            dist.destroy_process_group()
+    return manifest
+
+
+def _default_workers() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    per_rank = (cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, per_rank))
+
+
+def _run_shards(
+    fx: FeatureExtractor,
+    options: Options,
+    source: InputSource,
+    out: Path,
+    pending: list[int],
+    batch_size: int,
+    num_workers: int,
+    run_fingerprint: str,
+    progress: bool,
+) -> None:
+    if not pending:
+        return
+    loader = DataLoader(
+        _DecodeBatches(fx),
+        batch_sampler=_batches(source, pending, batch_size),
+        num_workers=num_workers,
+        collate_fn=_unbatched,
+        pin_memory=fx.device.type == "cuda",
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+    total = sum(len(source.ids(k)) for k in pending) if isinstance(source, ImageFiles) else None
+    dim = fx.dims[options.output]
+    ids, emb, errors = [], [], []
+    with tqdm(total=total, disable=not progress, unit="img", desc="extract") as bar:
+        for k, last, count, batch_ids, images, batch_errors, failure in loader:
+            ids += batch_ids
+            errors += batch_errors
+            if batch_ids:
+                emb.append(fx.embed_tensor(images, options.output, options.normalize))
+            bar.update(count)
+            if not last:
+                continue
+            name = source.shard_names[k]
+            if failure is not None:  # the rows read before the damage are dropped with it
+                write_failed_shard(out, k, failure, options.file_format, run_fingerprint, name=name)
+            else:
+                rows = torch.cat(emb).numpy() if emb else np.empty((0, dim), np.float32)
+                write_shard(
+                    out, k, ids, rows, errors, options.file_format, run_fingerprint, name=name
+                )
+            ids, emb, errors = [], [], []
