@@ -41,8 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
-# One worker runs every step, in order (make test spreads the other tests over several workers).
-pytestmark = [pytest.mark.readme, pytest.mark.slow, pytest.mark.xdist_group("readme")]
+pytestmark = [pytest.mark.readme, pytest.mark.slow]
 
 TRAIN_SMALL = (
     "epochs=1 data.max_images=32 data.batch_size=8 data.num_workers=0 views.size=32 "

@@ -23,8 +23,7 @@ from ssole_hub.cli import main
 from ssole_hub.extract.ray import Resources, _resources
 
 pytest.importorskip("ray", reason="the Ray engine needs the [ray] extra")
-# One Ray instance for the module, on one worker (make test spreads the rest over several).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 
