@@ -244,10 +244,11 @@ def parquet_files(photos, photo_jpegs, tmp_path_factory) -> RecordSet:
     return RecordSet(files, images, {"13": "UnsupportedImageError", "14": "MissingImageError"})
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster() -> str:
-    """One local Ray instance for the whole test run (2 CPUs, a 256 MiB object store, no
-    dashboard); returns its address, for subprocesses to join."""
+    """One local Ray instance for the Ray tests' module (2 CPUs, a 256 MiB object store, no
+    dashboard), shut down after it so that Ray's daemons do not take CPU from the tests after;
+    returns its address, for subprocesses to join."""
     ray = pytest.importorskip("ray", reason="the Ray engine needs the [ray] extra")
     context = ray.init(
         num_cpus=2,

@@ -1,0 +1,120 @@
+"""How long ``make test`` takes: this checkout's suite against an earlier commit's, side by side.
+
+Each commit is checked out into a temporary git worktree and its own ``make test`` recipe runs
+there with this environment's Python (``PYTHONPATH`` points at the worktree, so its code is what
+runs): the test command of its Makefile, without the prerequisites ``venv`` and ``datasets``, which
+are already satisfied here. Runs alternate (baseline, this checkout, baseline, ...) and the table
+gives each one's wall time, its test counts and the load average around it, then the median ratio.
+Run it on an idle machine, with nothing else running::
+
+    python bench/suite_time.py --baseline 5995b10 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import load_average, machine_record, write_result
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_command(worktree: Path) -> list[str]:
+    """The worktree's ``make test`` recipe line, with this Python for ``$(PY)`` and the Makefile's
+    own defaults for its other variables."""
+    makefile = (worktree / "Makefile").read_text()
+    recipe = re.search(r"^test:.*\n\t(.+)$", makefile, re.MULTILINE)
+    if recipe is None:
+        raise SystemExit(f"no test recipe in {worktree / 'Makefile'}")
+    defaults = dict(re.findall(r"^(\w+) \?= (.+)$", makefile, re.MULTILINE))
+    line = recipe.group(1).replace("$(PY)", sys.executable)
+    line = re.sub(r"\$\((\w+)\)", lambda m: defaults.get(m.group(1), ""), line)
+    return shlex.split(line)
+
+
+def run_suite(worktree: Path) -> dict[str, Any]:
+    """Run the worktree's test command once; wall seconds, counts, exit status and load."""
+    command = test_command(worktree)
+    env = {**os.environ, "PYTHONPATH": str(worktree)}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    before = load_average()
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=worktree, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    last = (done.stdout.strip().splitlines() or [""])[-1]
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", last)}
+    return {
+        "command": " ".join(command),
+        "seconds": round(seconds, 1),
+        "returncode": done.returncode,
+        "counts": counts,
+        "summary": last,
+        "load_average_before": before,
+        "load_average_after": load_average(),
+    }
+
+
+def worktree(commit: str, parent: Path) -> Path:
+    """A detached worktree of ``commit`` under ``parent``."""
+    path = parent / commit
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", "--force", str(path), commit],
+        cwd=REPO, check=True, capture_output=True,
+    )  # fmt: skip
+    return path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--baseline", default="5995b10", help="the commit to compare with")
+    p.add_argument("--commit", default="HEAD", help="the commit to measure")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each, interleaved")
+    p.add_argument("--out", default=str(REPO / "bench/results/suite_time.json"))
+    args = p.parse_args()
+    record = {"machine": machine_record(), "baseline": args.baseline, "commit": args.commit}
+    runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "commit": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {
+            "baseline": worktree(args.baseline, Path(tmp)),
+            "commit": worktree(args.commit, Path(tmp)),
+        }
+        for r in range(args.repeats):
+            for name, tree in trees.items():
+                print(f"repeat {r + 1}/{args.repeats}: {name} ({tree.name}) ...", flush=True)
+                runs[name].append(run_suite(tree))
+        for tree in trees.values():
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO)
+    record["runs"] = runs
+    medians = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
+    record["median_seconds"] = medians
+    record["ratio_commit_to_baseline"] = round(medians["commit"] / medians["baseline"], 3)
+    record["machine"]["load_average_after"] = load_average()
+    print(
+        "\n| run | seconds | exit | tests | load before -> after |\n| --- | ---: | ---: | --- | --- |"
+    )
+    for name, rows in runs.items():
+        for row in rows:
+            print(
+                f"| {name} | {row['seconds']:.0f} | {row['returncode']} | {row['summary']} | "
+                f"{row['load_average_before'][0]} -> {row['load_average_after'][0]} |"
+            )
+    print(f"\nmedian: this checkout {medians['commit']:.0f} s, baseline {medians['baseline']:.0f} s, "
+          f"ratio {record['ratio_commit_to_baseline']}")  # fmt: skip
+    write_result(args.out, record)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
