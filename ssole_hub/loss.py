@@ -16,6 +16,12 @@ Precision: eigenproblems always run in float64. The high-rank term's two big pro
 and gradient) run in float32 only when every view matrix is well-conditioned and not near the
 orthogonal end, where that is exact to ~1e-6; otherwise (collapse, near-collapse, duplicates)
 they run in float64, because a float32 Gram matrix loses the small eigenvalues.
+
+Two variants put the paper's design choices to the test (``objective`` and ``centering`` of
+:func:`ssole_loss`): ``centering="none"`` takes the low-rank term on the raw views (the identity
+instead of the Helmert contrast, so the ``N x N`` Gram of ``Z_i``), and
+``objective="coupled_ole"`` is the OLE loss the paper starts from, whose high-rank term is the
+nuclear norm of all ``b N`` views in one matrix (via its smaller Gram matrix).
 """
 
 from __future__ import annotations
@@ -29,7 +35,21 @@ import torch.distributed as dist
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-__all__ = ["SSOLELoss", "SSOLELossParts", "nuclear_norm", "ssole_loss"]
+__all__ = [
+    "LOW_RANK_CENTERINGS",
+    "OBJECTIVES",
+    "SSOLELoss",
+    "SSOLELossParts",
+    "nuclear_norm",
+    "ssole_loss",
+]
+
+OBJECTIVES = ("ssole", "coupled_ole")
+"""``ssole``: the paper's loss. ``coupled_ole``: the OLE loss it starts from (see
+:class:`SSOLELoss`)."""
+LOW_RANK_CENTERINGS = ("mean", "none")
+"""The SSOLE low-rank term on the views minus their mean (``mean``, the paper's) or on the raw
+views (``none``)."""
 
 # Eigenvalues of a float64 Gram matrix below `k * _EIG_FLOOR * largest` are rounding noise (the
 # Gram squares the condition number): they count as zero singular values in value and gradient.
@@ -50,7 +70,13 @@ _warned_more_images_than_dims = False
 
 
 class SSOLELossParts(NamedTuple):
-    """The SSOLE loss and the parts worth logging; every field is a 0-d tensor."""
+    """The SSOLE loss and the parts worth logging; every field is a 0-d tensor.
+
+    The field notes are SSOLE's; for ``objective="coupled_ole"`` the fields are
+    ``loss = loss_low - lambda_ * loss_high``, ``loss_low = mean_i ||Z_i||_* / N``,
+    ``loss_high = ||Z_all||_* / (b N)``, ``rank_low = mean_i ||Z_i||_*`` and
+    ``rank_high = ||Z_all||_*`` (see :class:`SSOLELoss`).
+    """
 
     loss: torch.Tensor
     """``loss_low + lambda_ * loss_high``; the only part to call ``backward()`` on."""
@@ -153,7 +179,8 @@ def _well_conditioned(singular: torch.Tensor) -> bool:
 
 class _SSOLENuclearNorms(torch.autograd.Function):
     """Both SSOLE nuclear norms of ``z_all`` ``(b, N, d)``, in float64: ``r`` of the images in
-    ``local`` (Helmert-contrasted views) and ``R`` of every view across all b images.
+    ``local`` (their views multiplied on the left by ``contrast``: the Helmert contrast for
+    centred views, the identity for raw ones) and ``R`` of every view across all b images.
 
     The high-rank term holds the two big products (its Gram matrix and the gradient). They run
     in the input's precision when every view matrix is well-conditioned, which is exact to
@@ -293,8 +320,67 @@ def _warn_once_more_images_than_dims(b: int, d: int) -> None:
         )
 
 
+def _check_variant(objective: str, centering: str) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(
+            f"objective must be one of {', '.join(map(repr, OBJECTIVES))}, got {objective!r}"
+        )
+    if centering not in LOW_RANK_CENTERINGS:
+        raise ValueError(
+            f"centering must be one of {', '.join(map(repr, LOW_RANK_CENTERINGS))}, "
+            f"got {centering!r}"
+        )
+
+
+def _ssole_parts(
+    z_all: torch.Tensor, local: slice, lambda_: float, gamma: float, centering: str
+) -> tuple[torch.Tensor, ...]:
+    """SSOLE's ``(loss, loss_low, loss_high, rank_low, rank_high)`` of the gathered ``z_all``
+    ``(b, N, d)``; the low-rank term over the images in ``local``."""
+    b, n_views = z_all.shape[:2]
+    if centering == "mean":
+        contrast = helmert_contrast(n_views, dtype=torch.float64, device=z_all.device)
+    else:  # the raw views: the identity "contrast" makes the low-rank Gram Z_i Z_i^T itself
+        contrast = torch.eye(n_views, dtype=torch.float64, device=z_all.device)
+    r, big_r = _SSOLENuclearNorms.apply(z_all, local, contrast)  # (B,), (N,)
+
+    loss_low = r.square().mean() / (n_views - 1) ** 2
+    # Unit rows give sqrt(b) <= R <= b; the clamp keeps arcsin and its gradient finite when
+    # rounding reaches the orthogonal end.
+    ratio = (big_r / b).clamp(max=1 - 1e-15)
+    beta = torch.asin(ratio) - math.asin(1 / math.sqrt(b))
+    c2 = (b * torch.cos(beta).square() - 1) / (b - 1)
+    c1 = (b**2 / big_r.square() - 1) / (b - 1)
+    loss_high = (gamma * c1 + (1 - gamma) * c2).mean()
+
+    loss = loss_low + lambda_ * loss_high
+    return loss, loss_low, loss_high, r.mean(), big_r.mean()
+
+
+def _coupled_ole_parts(
+    z_all: torch.Tensor, local: slice, lambda_: float
+) -> tuple[torch.Tensor, ...]:
+    """The coupled OLE objective's ``(loss, loss_low, loss_high, rank_low, rank_high)`` of the
+    gathered ``z_all`` ``(b, N, d)``; the low-rank term over the images in ``local``."""
+    b, n_views, dim = z_all.shape
+    _check_row_norms(z_all.detach().to(torch.float64).square().sum(-1), z_all)
+    r = nuclear_norm(z_all[local])  # (B,): each image's N x d views, via its N x N Gram
+    # All b N views in one matrix, via the smaller of its (b N) x (b N) and d x d Grams.
+    big_r = nuclear_norm(z_all.reshape(b * n_views, dim))
+    loss_low = r.mean() / n_views
+    loss_high = big_r / (b * n_views)
+    loss = loss_low - lambda_ * loss_high
+    return loss, loss_low, loss_high, r.mean(), big_r
+
+
 def ssole_loss(
-    z: torch.Tensor, lambda_: float = 0.6, gamma: float = 0.5, gather: bool = False
+    z: torch.Tensor,
+    lambda_: float = 0.6,
+    gamma: float = 0.5,
+    gather: bool = False,
+    *,
+    objective: str = "ssole",
+    centering: str = "mean",
 ) -> SSOLELossParts:
     """The SSOLE loss of multi-view embeddings, with its parts.
 
@@ -304,9 +390,13 @@ def ssole_loss(
     Args:
         z: ``(B, N, d)`` embeddings, B images x N views, every row L2-normalised.
         lambda_: weight of the high-rank term.
-        gamma: mix of the two high-rank penalties (0.5 in the paper).
+        gamma: mix of the two high-rank penalties (0.5 in the paper; SSOLE only).
         gather: under an initialised ``torch.distributed``, compute the high-rank term over all
             processes' images (every process must pass the same B); a no-op otherwise.
+        objective: ``"ssole"`` (the paper's loss) or ``"coupled_ole"`` (the OLE loss it starts
+            from; see :class:`SSOLELoss`).
+        centering: SSOLE's low-rank term on the views minus their mean (``"mean"``, the
+            paper's) or on the raw views (``"none"``). ``coupled_ole`` always takes raw views.
 
     Returns:
         :class:`SSOLELossParts` ``(loss, loss_low, loss_high, rank_low, rank_high)``.
@@ -314,16 +404,17 @@ def ssole_loss(
     Raises:
         ValueError: if ``z`` is not a floating-point ``(B, N, d)`` tensor, ``N < 2``, fewer than
             2 images in total, ``z`` holds NaN or inf or rows that are not unit-norm, or a
-            hyper-parameter is out of range.
+            hyper-parameter, ``objective`` or ``centering`` is out of range.
     """
     _check_hyperparameters(lambda_, gamma)
+    _check_variant(objective, centering)
     _check_shape(z)
     gather = gather and dist.is_available() and dist.is_initialized()
-    n_img, n_views, dim = z.shape
+    n_img, _, dim = z.shape
     b = n_img * (dist.get_world_size() if gather else 1)
     if b < 2:
         raise ValueError(f"the high-rank term needs at least 2 images in total, got {b}")
-    if b > dim:
+    if b > dim and objective == "ssole":
         _warn_once_more_images_than_dims(b, dim)
 
     dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
@@ -337,20 +428,10 @@ def ssole_loss(
             z_all = _AllGather.apply(z)
         else:
             local, z_all = slice(None), z
-        contrast = helmert_contrast(n_views, dtype=torch.float64, device=z.device)
-        r, big_r = _SSOLENuclearNorms.apply(z_all, local, contrast)  # (B,), (N,)
-
-        loss_low = r.square().mean() / (n_views - 1) ** 2
-        # Unit rows give sqrt(b) <= R <= b; the clamp keeps arcsin and its gradient finite when
-        # rounding reaches the orthogonal end.
-        ratio = (big_r / b).clamp(max=1 - 1e-15)
-        beta = torch.asin(ratio) - math.asin(1 / math.sqrt(b))
-        c2 = (b * torch.cos(beta).square() - 1) / (b - 1)
-        c1 = (b**2 / big_r.square() - 1) / (b - 1)
-        loss_high = (gamma * c1 + (1 - gamma) * c2).mean()
-
-        loss = loss_low + lambda_ * loss_high
-        parts = (loss, loss_low, loss_high, r.mean(), big_r.mean())
+        if objective == "coupled_ole":
+            parts = _coupled_ole_parts(z_all, local, lambda_)
+        else:
+            parts = _ssole_parts(z_all, local, lambda_, gamma, centering)
         return SSOLELossParts(*(p.to(dtype) for p in parts))
 
 
@@ -377,20 +458,45 @@ class SSOLELoss(nn.Module):
     more images than dimensions the loss warns once). Nuclear norms are computed exactly, via
     float64 eigenproblems of Helmert-contrasted and Gram matrices, with the exact gradient.
 
+    Two variants, each one switch, test the paper's claims:
+
+    ``centering="none"``: the low-rank term on the raw views instead of their deviations from
+    the mean, ``r_i = ||Z_i||_*`` (from the ``N x N`` Gram ``Z_i Z_i^T``), with the same
+    ``(N - 1)^2`` normalisation and everything else as above. Unit rows give
+    ``r_i >= sqrt(N)``, so ``L_low >= N / (N - 1)^2`` (reached when all N views agree).
+
+    ``objective="coupled_ole"``: the OLE loss the paper starts from (Lezama, Qiu, Musé &
+    Sapiro, "OLÉ: Orthogonal Low-rank Embedding, a plug and play geometric loss for deep
+    learning", CVPR 2018), ``sum_c max(delta, ||Y_c||_*) - ||Y||_*`` over classes c, with each
+    image's N views as a class and both terms on the same raw embeddings (so they are
+    coupled: every view is in its image's matrix and in the matrix of all views)::
+
+        L = mean_i ||Z_i||_* / N  -  lambda_ ||Z_all||_* / (b N)
+
+    where ``Z_all`` is the ``(b N) x d`` matrix of all views of all b (gathered) images. Sums
+    become means, normalised by N and b N so that both terms lie in (0, 1] for unit rows
+    (``||Z_i||_* / N >= 1 / sqrt(N)``, ``||Z_all||_* / (b N) >= 1 / sqrt(b N)``); OLE's
+    threshold ``delta`` is dropped, since unit rows already keep ``||Z_i||_* >= sqrt(N)``.
+    ``gamma`` and ``centering`` play no part. Collapse gives ``1/sqrt(N) - lambda_/sqrt(b N)``;
+    mutually orthogonal views (``b N <= d``) give ``1 - lambda_``.
+
     Args:
         lambda_: weight of the high-rank term (0.6 in the released ImageNet-100 recipe).
         gamma: mix of the two high-rank penalties ``c1`` and ``c2`` (0.5 in the paper).
         gather: under ``torch.distributed``, compute the high-rank term over every process's
             images, so that ``b = B x world_size``; gradients reach each process's own slice.
             Every process must pass the same B. A no-op when distributed is not initialised.
+        objective: ``"ssole"`` (default) or ``"coupled_ole"`` (above).
+        centering: ``"mean"`` (default, the paper's) or ``"none"`` (above); SSOLE only.
 
     Shapes:
         - input ``z``: ``(B, N, d)``: B images, N >= 2 views each, rows L2-normalised.
         - output: a 0-d tensor (float32, or float64 for float64 input).
 
     Raises:
-        ValueError: in ``__init__`` for a negative or non-finite ``lambda_`` or ``gamma``
-            outside [0, 1]; in ``forward`` for input that :func:`ssole_loss` rejects.
+        ValueError: in ``__init__`` for a negative or non-finite ``lambda_``, ``gamma``
+            outside [0, 1], or an unknown ``objective`` or ``centering``; in ``forward`` for
+            input that :func:`ssole_loss` rejects.
 
     Examples:
         >>> import torch.nn.functional as F
@@ -404,16 +510,37 @@ class SSOLELoss(nn.Module):
     ``rank_high``) for logging.
     """
 
-    def __init__(self, lambda_: float = 0.6, gamma: float = 0.5, gather: bool = False) -> None:
+    def __init__(
+        self,
+        lambda_: float = 0.6,
+        gamma: float = 0.5,
+        gather: bool = False,
+        *,
+        objective: str = "ssole",
+        centering: str = "mean",
+    ) -> None:
         super().__init__()
         _check_hyperparameters(lambda_, gamma)
+        _check_variant(objective, centering)
         self.lambda_ = lambda_
         self.gamma = gamma
         self.gather = gather
+        self.objective = objective
+        self.centering = centering
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Return the scalar SSOLE loss of ``z`` ``(B, N, d)``."""
-        return ssole_loss(z, self.lambda_, self.gamma, self.gather).loss
+        return ssole_loss(
+            z,
+            self.lambda_,
+            self.gamma,
+            self.gather,
+            objective=self.objective,
+            centering=self.centering,
+        ).loss
 
     def extra_repr(self) -> str:
-        return f"lambda_={self.lambda_}, gamma={self.gamma}, gather={self.gather}"
+        return (
+            f"lambda_={self.lambda_}, gamma={self.gamma}, gather={self.gather}, "
+            f"objective={self.objective!r}, centering={self.centering!r}"
+        )

@@ -132,11 +132,34 @@ class KnnConfig:
 
 @dataclass
 class Config:
-    """A complete pre-training run."""
+    """A complete pre-training run.
+
+    The objective's settings: ``ssole_lambda`` and ``ssole_gamma`` weigh SSOLE's terms, and two
+    switches put the paper's claims to the test, one each: ``ssole_objective=coupled_ole`` (the
+    coupled OLE loss SSOLE departs from) and ``ssole_centering=none`` (the low-rank term on raw
+    views, not on their deviations from the mean). ``vicreg_weights``, ``barlowtwins_lambda`` and
+    ``simclr_temperature`` set the peers'. :meth:`objective_options` hands them all to
+    ``training.objectives.build_objective``.
+    """
 
     method: Literal["ssole", "vicreg", "barlowtwins", "simclr"] = "ssole"
     ssole_lambda: float = 0.6
     ssole_gamma: float = 0.5
+    ssole_objective: Literal["ssole", "coupled_ole"] = "ssole"
+    """``ssole``: the paper's loss. ``coupled_ole``: the OLE loss the paper starts from (Lezama et
+    al., CVPR 2018) on the views, ``mean_i ||Z_i||_* / N - ssole_lambda ||Z_all||_* / (b N)``:
+    each image's N raw views against all b N views in one matrix, so the two terms are coupled
+    (``ssole_gamma`` and ``ssole_centering`` play no part; see ``ssole_hub.SSOLELoss``)."""
+    ssole_centering: Literal["mean", "none"] = "mean"
+    """SSOLE's low-rank term on each image's views minus their mean (``mean``, the paper's,
+    ``r_i = ||Z_i - 1 m_i^T||_*``) or on the raw views (``none``, ``r_i = ||Z_i||_*``), with the
+    same ``r_i^2 / (N - 1)^2`` either way."""
+    vicreg_weights: tuple[float, float, float] = (25.0, 25.0, 1.0)
+    """VICReg's (invariance, variance, covariance) weights (``method=vicreg``; the paper's)."""
+    barlowtwins_lambda: float = 5e-3
+    """Barlow Twins' weight of the off-diagonal (redundancy) terms (``method=barlowtwins``)."""
+    simclr_temperature: float = 0.2
+    """NT-Xent's temperature (``method=simclr``)."""
     epochs: int = 100
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -180,6 +203,19 @@ class Config:
             raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         _check_arch(self.model.arch)
         return self
+
+    def objective_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``training.objectives.build_objective`` that this config
+        sets: every method's (each objective reads only its own), all but ``gather``."""
+        return {
+            "lambda_": self.ssole_lambda,
+            "gamma": self.ssole_gamma,
+            "ssole_objective": self.ssole_objective,
+            "ssole_centering": self.ssole_centering,
+            "vicreg_weights": self.vicreg_weights,
+            "barlowtwins_lambda": self.barlowtwins_lambda,
+            "simclr_temperature": self.simclr_temperature,
+        }
 
     def _check_combinations(self) -> None:
         """Check the values that are only wrong together with another one."""
@@ -229,6 +265,7 @@ _MINIMUMS: dict[str, int] = {
     "optim.weight_decay": 0,
     "optim.warmup_epochs": 0,
     "ssole_lambda": 0,
+    "barlowtwins_lambda": 0,
 }
 
 
@@ -254,6 +291,8 @@ _FIELD_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("data.std", lambda std: not any(s <= 0 for s in std), "must be positive"),
     ("data.eval_crop_pct", lambda p: 0.0 < p <= 1.0, "must be in (0, 1]"),
     ("ssole_gamma", _is_probability, "must be in [0, 1]"),
+    ("vicreg_weights", lambda w: not any(v < 0 for v in w), "must be non-negative"),
+    ("simclr_temperature", lambda t: t > 0, "must be > 0"),
     ("optim.momentum", lambda m: 0.0 <= m < 1.0, "must be in [0, 1)"),
 )
 

@@ -99,7 +99,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.encoder, cfg.optim)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.objective = build_objective(
-            cfg.method, cfg.ssole_lambda, cfg.ssole_gamma, gather=ctx.distributed
+            cfg.method, gather=ctx.distributed, **cfg.objective_options()
         )
         self.batch_views = (
             BatchViews(cfg.views, cfg.data.interpolation).to(self.device)

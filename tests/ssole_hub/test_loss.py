@@ -370,3 +370,186 @@ def test_cuda_matches_cpu_under_bfloat16_autocast():
     gpu.loss.backward()
     _assert_parts_close([p.cpu() for p in gpu], [p.double() for p in cpu], rtol=1e-5, atol=1e-6)
     assert torch.isfinite(zc.grad).all()
+
+
+# --- the variants: SSOLE on raw views, and the coupled OLE objective --------------------------
+
+
+def reference_uncentred(z: torch.Tensor, lambda_: float = 0.6, gamma: float = 0.5):
+    """As :func:`reference`, with the low-rank term on the raw views ``r_i = ||Z_i||_*``."""
+    z = z.double()
+    b, n, _ = z.shape
+    views = z.transpose(0, 1)
+    r = torch.linalg.svdvals(z).sum(-1).requires_grad_()
+    big_r = torch.linalg.svdvals(views).sum(-1).requires_grad_()
+    loss_low = (r**2).mean() / (n - 1) ** 2
+    beta = torch.asin((big_r / b).clamp(max=1)) - math.asin(1 / math.sqrt(b))
+    c2 = (b * torch.cos(beta) ** 2 - 1) / (b - 1)
+    c1 = (b**2 / big_r**2 - 1) / (b - 1)
+    loss_high = (gamma * c1 + (1 - gamma) * c2).mean()
+    loss = loss_low + lambda_ * loss_high
+    grad_r, grad_big_r = torch.autograd.grad(loss, (r, big_r))
+    grad = grad_r[:, None, None] * _polar(z)
+    grad = grad + (grad_big_r[:, None, None] * _polar(views)).transpose(0, 1)
+    parts = SSOLELossParts(loss, loss_low, loss_high, r.mean(), big_r.mean())
+    return SSOLELossParts(*(p.detach() for p in parts)), grad
+
+
+def reference_coupled_ole(z: torch.Tensor, lambda_: float = 0.6):
+    """``mean_i ||Z_i||_* / N - lambda ||Z_all||_* / (b N)`` and its gradient, from float64
+    SVDs of each image's raw views and of all ``b N`` views in one matrix."""
+    z = z.double()
+    b, n, d = z.shape
+    everything = z.reshape(b * n, d)
+    r = torch.linalg.svdvals(z).sum(-1).requires_grad_()
+    big_r = torch.linalg.svdvals(everything).sum().requires_grad_()
+    loss_low = r.mean() / n
+    loss_high = big_r / (b * n)
+    loss = loss_low - lambda_ * loss_high
+    grad_r, grad_big_r = torch.autograd.grad(loss, (r, big_r))
+    grad = grad_r[:, None, None] * _polar(z) + grad_big_r * _polar(everything).reshape(b, n, d)
+    parts = SSOLELossParts(loss, loss_low, loss_high, r.mean(), big_r)
+    return SSOLELossParts(*(p.detach() for p in parts)), grad
+
+
+VARIANTS = {
+    "raw_views": ({"centering": "none"}, reference_uncentred),
+    "coupled_ole": ({"objective": "coupled_ole"}, reference_coupled_ole),
+}
+# Every structure, N = 2..8, b < d and b > d (b N > d for the coupled all-views matrix).
+VARIANT_CASES = [c for c in CASES if c[0] != "orthogonal"] + [("orthogonal", 3, 4, 24)]
+VARIANT_CASE_IDS = [f"{k}-B{b}-N{n}-d{d}" for k, b, n, d in VARIANT_CASES]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("kind", "b", "n", "d"), VARIANT_CASES, ids=VARIANT_CASE_IDS)
+def test_variant_float64_value_and_gradient_match_its_svd_reference(variant, kind, b, n, d):
+    kwargs, ref_fn = VARIANTS[variant]
+    z = make_embeddings(kind, b, n, d).requires_grad_()
+    parts = ssole_loss(z, **kwargs)
+    parts.loss.backward()
+    ref, ref_grad = ref_fn(z.detach())
+    assert all(p.dtype == torch.float64 for p in parts)
+    # The orthogonal end of SSOLE's arcsin is clamped just inside its domain (as above).
+    atol = 1e-7 if kind == "orthogonal" and variant == "raw_views" else 1e-13
+    for name, a, e in zip(SSOLELossParts._fields, parts, ref, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=atol, msg=name)
+    if not (kind == "orthogonal" and variant == "raw_views"):  # infinite at R = b
+        assert _rel_err(z.grad, ref_grad) < 1e-7
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("kind", "b", "n", "d"), VARIANT_CASES, ids=VARIANT_CASE_IDS)
+def test_variant_float32_value_within_1e_5_and_gradient_within_1e_3(variant, kind, b, n, d):
+    kwargs, ref_fn = VARIANTS[variant]
+    z = make_embeddings(kind, b, n, d).float().requires_grad_()
+    parts = ssole_loss(z, **kwargs)
+    parts.loss.backward()
+    ref, ref_grad = ref_fn(z.detach())
+    assert all(p.dtype == torch.float32 for p in parts) and z.grad.dtype == torch.float32
+    _assert_parts_close(parts, ref, rtol=1e-5, atol=1e-6)
+    if not (kind == "orthogonal" and variant == "raw_views"):
+        assert _rel_err(z.grad, ref_grad) < 1e-3
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("b", "n", "d"), [(4, 3, 6), (5, 2, 3), (3, 4, 4)])
+def test_variant_gradcheck_passes_in_float64(variant, b, n, d):
+    kwargs, _ = VARIANTS[variant]
+    z = make_embeddings("random", b, n, d, seed=b).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: ssole_loss(x, **kwargs).loss, (z,))
+
+
+def test_variants_differ_from_ssole_and_from_each_other():
+    z = make_embeddings("random", 8, 4, 32)
+    losses = {
+        name: ssole_loss(z, **kwargs).loss.item()
+        for name, kwargs in [
+            ("ssole", {}),
+            ("explicit_defaults", {"objective": "ssole", "centering": "mean"}),
+            *((name, kw) for name, (kw, _) in VARIANTS.items()),
+        ]
+    }
+    assert losses["explicit_defaults"] == losses["ssole"]
+    assert len({losses["ssole"], losses["raw_views"], losses["coupled_ole"]}) == 3
+
+
+def test_raw_views_low_rank_term_is_sqrt_n_for_identical_views():
+    """Identical views: centred, ``r_i = 0``; raw, ``r_i = sqrt(N)``, ``L_low = N / (N-1)^2``."""
+    n = 5
+    z = _unit(torch.randn(8, 1, 16, dtype=torch.float64)).expand(8, n, 16).clone()
+    parts = ssole_loss(z, centering="none")
+    assert parts.rank_low.item() == pytest.approx(math.sqrt(n), rel=1e-12)
+    assert parts.loss_low.item() == pytest.approx(n / (n - 1) ** 2, rel=1e-12)
+    # The high-rank term is SSOLE's own.
+    assert parts.loss_high.item() == pytest.approx(ssole_loss(z).loss_high.item(), rel=1e-12)
+
+
+def test_raw_views_gradient_leaves_the_centred_space():
+    """Unlike SSOLE's, the raw low-rank gradient also moves the views' mean."""
+    z = _unit(torch.randn(6, 4, 32, dtype=torch.float64)).requires_grad_()
+    ssole_loss(z, centering="none").loss_low.backward()
+    assert z.grad.sum(1).abs().max() > 1e-3
+
+
+def test_coupled_ole_collapse_and_orthogonal_ends():
+    b, n, lam = 3, 4, 0.6
+    collapsed = ssole_loss(make_embeddings("collapsed", b, n, 16), lam, objective="coupled_ole")
+    assert collapsed.loss_low.item() == pytest.approx(1 / math.sqrt(n), rel=1e-12)
+    assert collapsed.loss_high.item() == pytest.approx(1 / math.sqrt(b * n), rel=1e-12)
+    assert collapsed.loss.item() == pytest.approx(
+        1 / math.sqrt(n) - lam / math.sqrt(b * n), rel=1e-12
+    )
+    orthogonal = ssole_loss(make_embeddings("orthogonal", b, n, 24), lam, objective="coupled_ole")
+    assert orthogonal.loss_low.item() == pytest.approx(1.0, rel=1e-12)
+    assert orthogonal.loss_high.item() == pytest.approx(1.0, rel=1e-12)
+    assert orthogonal.rank_high.item() == pytest.approx(b * n, rel=1e-12)
+    assert orthogonal.loss.item() == pytest.approx(1 - lam, rel=1e-12)
+
+
+def test_coupled_ole_ignores_gamma_and_centering_and_does_not_warn(monkeypatch):
+    monkeypatch.setattr(loss_module, "_warned_more_images_than_dims", False)
+    z = _unit(torch.randn(12, 2, 8, dtype=torch.float64))  # b > d
+    base = ssole_loss(z, objective="coupled_ole").loss.item()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other = ssole_loss(z, gamma=0.1, objective="coupled_ole", centering="none")
+    assert other.loss.item() == base
+
+
+def test_variants_reject_rows_that_are_not_unit_norm():
+    with pytest.raises(ValueError, match="L2-normalised"):
+        ssole_loss(torch.randn(4, 3, 16), objective="coupled_ole")
+    with pytest.raises(ValueError, match="L2-normalised"):
+        ssole_loss(torch.randn(4, 3, 16), centering="none")
+    z = _unit(torch.randn(4, 3, 16))
+    z[1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        ssole_loss(z, objective="coupled_ole")
+
+
+def test_module_passes_the_variant_on():
+    z = _unit(torch.randn(8, 4, 32))
+    module = SSOLELoss(lambda_=0.3, objective="coupled_ole")
+    assert module(z).item() == pytest.approx(
+        ssole_loss(z, 0.3, objective="coupled_ole").loss.item(), rel=1e-6
+    )
+    assert "objective='coupled_ole'" in repr(module) and "centering='mean'" in repr(module)
+    raw = SSOLELoss(centering="none")
+    assert raw(z).item() == pytest.approx(ssole_loss(z, centering="none").loss.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"objective": "ole"}, r"objective must be one of 'ssole', 'coupled_ole', got 'ole'"),
+        ({"objective": "SSOLE"}, "objective must be one of"),
+        ({"centering": "median"}, r"centering must be one of 'mean', 'none', got 'median'"),
+        ({"centering": None}, "centering must be one of"),
+    ],
+)
+def test_bad_variant_names_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SSOLELoss(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        ssole_loss(_unit(torch.randn(4, 2, 8)), **kwargs)

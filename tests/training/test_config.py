@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
 import pytest
 
 from training.config import ConfigError, config_to_dict, load_config
-from training.objectives import METHODS
+from training.objectives import METHODS, build_objective
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "training" / "configs").glob("*.yaml"))
 
@@ -98,3 +99,45 @@ def test_exponent_without_a_dot_is_read_as_a_number() -> None:
     assert cfg.optim.weight_decay == pytest.approx(1e-5)
     with pytest.raises(ConfigError, match=r"optim\.weight_decay must be finite"):
         load_config(None, ["data.dataset=digits", "optim.weight_decay=nan"])
+
+
+def test_objective_settings_default_to_the_papers_and_take_overrides() -> None:
+    cfg = load_config(None, ["data.dataset=digits"])
+    assert (cfg.ssole_objective, cfg.ssole_centering) == ("ssole", "mean")
+    assert cfg.vicreg_weights == (25.0, 25.0, 1.0)
+    assert (cfg.barlowtwins_lambda, cfg.simclr_temperature) == (5e-3, 0.2)
+    cfg = load_config(
+        None,
+        [
+            "data.dataset=digits", "ssole_objective=coupled_ole", "ssole_centering=none",
+            "vicreg_weights=[10,10,1]", "barlowtwins_lambda=0.01", "simclr_temperature=0.5",
+        ],
+    )  # fmt: skip
+    assert (cfg.ssole_objective, cfg.ssole_centering) == ("coupled_ole", "none")
+    assert cfg.vicreg_weights == (10.0, 10.0, 1.0)
+    assert (cfg.barlowtwins_lambda, cfg.simclr_temperature) == (0.01, 0.5)
+
+
+def test_objective_options_are_exactly_build_objectives_keywords() -> None:
+    cfg = load_config(None, ["data.dataset=digits", "ssole_centering=none", "ssole_lambda=0.3"])
+    options = cfg.objective_options()
+    inspect.signature(build_objective).bind("ssole", **options)  # no unknown keyword
+    keywords = set(inspect.signature(build_objective).parameters) - {"method", "gather"}
+    assert set(options) == keywords
+    assert options["ssole_centering"] == "none" and options["lambda_"] == 0.3
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("ssole_objective=ole", "ssole_objective must be one of 'ssole', 'coupled_ole', got 'ole'"),
+        ("ssole_centering=median", "ssole_centering must be one of 'mean', 'none', got 'median'"),
+        ("vicreg_weights=[25,-1,1]", "vicreg_weights must be non-negative"),
+        ("vicreg_weights=[25,25]", "vicreg_weights must be a list of 3 numbers"),
+        ("barlowtwins_lambda=-0.1", "barlowtwins_lambda must be >= 0"),
+        ("simclr_temperature=0", "simclr_temperature must be > 0"),
+    ],
+)
+def test_bad_objective_settings_fail_naming_the_key(override, message) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, ["data.dataset=digits", override])

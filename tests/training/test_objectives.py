@@ -9,6 +9,8 @@ import pytest
 import torch
 from lightly.loss import BarlowTwinsLoss, NTXentLoss, VICRegLoss
 
+from ssole_hub.loss import ssole_loss
+from ssole_hub.models import l2_normalize
 from training.objectives import METHODS, build_objective
 
 
@@ -70,3 +72,58 @@ def test_unknown_method_is_rejected_naming_the_choices():
 def test_objectives_reject_fewer_than_two_views_or_images(method, shape):
     with pytest.raises(ValueError, match=r"\(B, N, d\)"):
         build_objective(method)(torch.randn(*shape))
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [{"objective": "coupled_ole"}, {"centering": "none"}, {"objective": "ssole"}],
+    ids=["coupled_ole", "raw_views", "ssole"],
+)
+def test_ssole_variants_train_the_loss_they_name(variant):
+    z = _embeddings(b=8, n=3, d=16).requires_grad_(True)
+    keys = {"objective": "ssole_objective", "centering": "ssole_centering"}
+    objective = build_objective("ssole", 0.4, **{keys[k]: v for k, v in variant.items()})
+    out = objective(z)
+    expected = ssole_loss(l2_normalize(z.detach()), 0.4, **variant)
+    assert out["loss"].item() == pytest.approx(expected.loss.item(), rel=1e-6)
+    assert out["loss_low"].item() == pytest.approx(expected.loss_low.item(), rel=1e-6)
+    out["loss"].backward()
+    assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+
+
+def test_coupled_ole_objective_differs_from_ssole():
+    z = _embeddings(b=8, n=3, d=16)
+    ssole = float(build_objective("ssole")(z)["loss"])
+    coupled = build_objective("ssole", ssole_objective="coupled_ole")(z)
+    # coupled OLE subtracts its high-rank term: loss = loss_low - lambda * loss_high.
+    assert float(coupled["loss"]) == pytest.approx(
+        float(coupled["loss_low"]) - 0.6 * float(coupled["loss_high"]), rel=1e-6
+    )
+    assert float(coupled["loss"]) != pytest.approx(ssole, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"ssole_objective": "ole"}, "objective must be one of"),
+        ({"ssole_centering": "median"}, "centering must be one of"),
+    ],
+)
+def test_bad_ssole_variant_is_rejected_when_the_objective_is_built(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build_objective("ssole", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs", "loss"),
+    [
+        ("vicreg", {"vicreg_weights": (10.0, 5.0, 2.0)}, VICRegLoss(10.0, 5.0, 2.0)),
+        ("barlowtwins", {"barlowtwins_lambda": 1e-2}, BarlowTwinsLoss(1e-2)),
+        ("simclr", {"simclr_temperature": 0.5}, NTXentLoss(0.5)),
+    ],
+)
+def test_peer_settings_reach_their_loss(method, kwargs, loss):
+    z = _embeddings(n=2)
+    out = build_objective(method, **kwargs)(z)["loss"]
+    assert float(out) == pytest.approx(float(loss(z[:, 0], z[:, 1])), rel=1e-5)
+    assert float(out) != pytest.approx(float(build_objective(method)(z)["loss"]), rel=1e-3)
