@@ -61,6 +61,9 @@ def run_suite(worktree: Path) -> dict[str, Any]:
         "returncode": done.returncode,
         "counts": counts,
         "summary": last,
+        "failed_tests": [
+            line for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))
+        ],
         "load_average_before": before,
         "load_average_after": load_average(),
     }
