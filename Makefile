@@ -27,12 +27,13 @@ datasets:
 	  || echo "warning: could not install dataset-fashion-mnist; what needs it is skipped"; \
 	fi
 
-# The suite on PYTEST_WORKERS processes (pytest-xdist), one test module at a time per worker, in
-# order (the README runner's steps and the Ray tests share a module fixture). PYTEST_WORKERS=0 runs
-# everything in this process.
+# The suite on PYTEST_WORKERS processes (pytest-xdist), one test module at a time per worker (the
+# README runner's steps and the Ray tests share a module fixture), longest modules first
+# (tests/conftest.py: LONGEST_FIRST; xdist would otherwise order modules by their test count).
+# PYTEST_WORKERS=0 runs everything in this process.
 PYTEST_WORKERS ?= 2
 test: venv datasets
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscopereorder
 
 # Only the README runner (tests/test_readme.py, part of make test): every command and snippet of
 # README.md, in order, in a copy of the checkout.

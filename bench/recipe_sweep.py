@@ -1,12 +1,14 @@
 """Small-data recipe sweep on digits: one method, a one-factor-at-a-time grid around its published
 recipe, several seeds per point, weighted kNN top-1 and RankMe per run.
 
-Every method gets a grid of the same size (12 points), centred on its own published settings at
-the digits demo's budget (``training/configs/digits_demo.yaml``: 3 epochs, 64 images x 4 views of
-32 px, crops of scale (0.4, 1)):
+Every method gets a grid of the same size (12 points) at the digits demo's budget
+(``training/configs/digits_demo.yaml``: 3 epochs, 64 images x 4 views of 32 px, crops of scale
+(0.4, 1)), centred on the recipe family its peers publish for small models, LARS with a
+BatchNorm projector:
 
-- SSOLE: SGD, no BatchNorm in the projector, lr 0.5 (the demo's), weight decay 1e-5 (the
-  released recipe's), lambda 0.6;
+- SSOLE: LARS, BatchNorm projector, lr 0.3, weight decay 1e-6, lambda 0.6. The paper's own
+  ImageNet recipe (SGD, no BatchNorm in the projector, lr 0.5 at this batch, weight decay 1e-5)
+  is the grid's ``recipe=sgd-nobn`` point, and ``optim=sgd`` and ``bn=off`` step towards it;
 - VICReg: LARS, BatchNorm projector, lr 0.3, weight decay 1e-6 (the README's example);
 - Barlow Twins: LARS, BatchNorm projector, lr 0.2 (its paper's for weights), weight decay 1e-6
   (the grid's level nearest its paper's 1.5e-6);
@@ -17,8 +19,7 @@ Around that base, one factor at a time: the optimiser (SGD <-> LARS), the projec
 (0.2, 1) instead of (0.4, 1), the method's own factor over three levels (SSOLE's lambda
 0.3/0.6/1.0, VICReg's invariance=variance weights 10/25/50 with covariance 1, Barlow Twins'
 lambda 2.5e-3/5e-3/1e-2, SimCLR's temperature 0.1/0.2/0.5) and the other family's whole recipe
-(SSOLE on LARS + BatchNorm + lr 0.3 + weight decay 1e-6; the peers on SSOLE's SGD, no
-BatchNorm, lr 0.5, weight decay 1e-5). ``optim.final_lr`` is always lr / 100.
+(SGD, no BatchNorm, lr 0.5, weight decay 1e-5: the paper's recipe for SSOLE). ``optim.final_lr`` is always lr / 100.
 
 Each run pre-trains through ``training.pretrain.run`` and is evaluated by ``training.evaluate``
 (weighted kNN k=20 T=0.07 on the digits' held-out 20%, RankMe of the train features). Each run's
@@ -66,17 +67,22 @@ RESULTS = ROOT / "bench" / "results"
 # the monitor), so the monitor is off, and one checkpoint at a time is enough.
 BENCH_OVERRIDES = ("knn.every_epochs=0", "knn.at_start=false", "keep_checkpoints=1")
 
-# Each method's published recipe where it differs between methods (module docstring).
-PUBLISHED: dict[str, dict[str, Any]] = {
-    "ssole": {"optim.name": "sgd", "model.projector_batch_norm": False, "optim.lr": 0.5,
-              "optim.weight_decay": 1e-5},
-    "vicreg": {"optim.name": "lars", "model.projector_batch_norm": True, "optim.lr": 0.3,
-               "optim.weight_decay": 1e-6},
-    "barlowtwins": {"optim.name": "lars", "model.projector_batch_norm": True, "optim.lr": 0.2,
-                    "optim.weight_decay": 1e-6},
-    "simclr": {"optim.name": "lars", "model.projector_batch_norm": True, "optim.lr": 0.3,
-               "optim.weight_decay": 1e-6},
+# The paper's SSOLE recipe (ImageNet's, at the demo's batch) and the LARS + BatchNorm recipe the
+# peers publish for small models.
+RECIPES: dict[str, dict[str, Any]] = {
+    "sgd-nobn": {"optim.name": "sgd", "model.projector_batch_norm": False, "optim.lr": 0.5,
+                 "optim.weight_decay": 1e-5},
+    "lars-bn": {"optim.name": "lars", "model.projector_batch_norm": True, "optim.lr": 0.3,
+                "optim.weight_decay": 1e-6},
 }  # fmt: skip
+# Each method's grid centre (module docstring): the LARS + BatchNorm family, at the method's own
+# published learning rate where it has one.
+CENTRES: dict[str, dict[str, Any]] = {
+    "ssole": RECIPES["lars-bn"],
+    "vicreg": RECIPES["lars-bn"],
+    "barlowtwins": {**RECIPES["lars-bn"], "optim.lr": 0.2},
+    "simclr": RECIPES["lars-bn"],
+}
 SHARED_BASE: dict[str, Any] = {"views.num_views": 4, "views.scale": (0.4, 1.0)}
 # The method's own factor: its config key, its published value and the two levels around it.
 OWN_FACTOR: dict[str, tuple[str, Any, tuple[Any, Any]]] = {
@@ -86,12 +92,6 @@ OWN_FACTOR: dict[str, tuple[str, Any, tuple[Any, Any]]] = {
     "simclr": ("simclr_temperature", 0.2, (0.1, 0.5)),
 }
 WEIGHT_DECAYS = (0.0, 1e-6, 1e-5)
-# The two recipe families: SSOLE's demo and the LARS + BatchNorm recipe of the peers (which a
-# probe found lifts SSOLE on digits too).
-RECIPES: dict[str, dict[str, Any]] = {
-    "sgd-nobn": PUBLISHED["ssole"],
-    "lars-bn": PUBLISHED["vicreg"],
-}
 
 
 def yaml_value(value: Any) -> str:
@@ -132,10 +132,10 @@ def _level(value: Any) -> str:
 
 
 def sweep_grid(method: str) -> list[Point]:
-    """The one-factor-at-a-time grid around ``method``'s published recipe (module docstring);
+    """The one-factor-at-a-time grid around ``method``'s centre (module docstring);
     every method's has the same number of points, the base first."""
     own_key, own_base, own_levels = OWN_FACTOR[method]
-    base = {**PUBLISHED[method], **SHARED_BASE, own_key: own_base}
+    base = {**CENTRES[method], **SHARED_BASE, own_key: own_base}
     optimizer = "lars" if base["optim.name"] == "sgd" else "sgd"
     batch_norm = not base["model.projector_batch_norm"]
     lr = base["optim.lr"]

@@ -9,6 +9,10 @@ What differs from a user's run is all in this file, in three tables:
 - :data:`USER_FILES`: the files a user brings (``photo.jpg``, ``photos/``, ...), written as real
   scikit-image photos before the first command.
 
+Steps that are Python programs (a Python block, ``python -m MODULE ARGS``, ``ssole-hub ARGS``,
+without shell syntax) run in a child forked from a process that has already imported torch and
+torchvision (``tests/zygote.py``); the rest run in ``bash``.
+
 A step fails when its command exits non-zero or a path it names does not exist after it ran.
 Steps that cannot run on a CPU without internet are skipped by :data:`SKIPS`, each with its
 reason (pytest's ``-rs`` lists them). A command that starts the server runs in the background
@@ -31,6 +35,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -278,12 +283,13 @@ class Session:
     scratch: Path
     env: dict[str, str]
     port: int
+    zygote: Any
     server: subprocess.Popen | None = None
     skipped_paths: dict[str, str] = field(default_factory=dict)
 
 
 @pytest.fixture(scope="module")
-def session(tmp_path_factory) -> Iterator[Session]:
+def session(tmp_path_factory, zygote) -> Iterator[Session]:
     work = tmp_path_factory.mktemp("readme") / "ssole-hub"
     copy_checkout(REPO, work)
     write_user_files(work)
@@ -294,7 +300,7 @@ def session(tmp_path_factory) -> Iterator[Session]:
         "HF_HUB_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
     }
-    s = Session(work, tmp_path_factory.mktemp("snippets"), env, _free_port())
+    s = Session(work, tmp_path_factory.mktemp("snippets"), env, _free_port(), zygote)
     yield s
     if s.server is not None:
         os.killpg(s.server.pid, signal.SIGTERM)
@@ -333,6 +339,44 @@ def _missing_prerequisite(session: Session, paths: list[str]) -> str | None:
     return None
 
 
+_SHELL_SYNTAX = re.compile(r"[|&;<>()$`*?~\\\"']|^\w+=")
+
+
+def python_program(step: Step, text: str) -> tuple[str, str, list[str]] | None:
+    """``(kind, target, args)`` for a step the zygote can run (module docstring), else None."""
+    if step.kind == "python" or _SHELL_SYNTAX.search(text):
+        return None
+    words = text.split()
+    if words[:2] == ["python", "-m"] and len(words) > 2:
+        return "module", words[2], words[3:]
+    if words[0] == "ssole-hub":
+        return "console", "ssole-hub", words[1:]
+    return None
+
+
+def _run_step(session: Session, step: Step, text: str) -> tuple[int, str, str]:
+    """Run one step to its end: its exit status, stdout and stderr."""
+    if step.kind == "python":
+        script = session.scratch / f"readme_line_{step.line}.py"
+        prelude = PY_PRELUDE if "load_config" in text else ""
+        script.write_text(prelude + text + "\n")
+        program = ("script", str(script), [])
+    else:
+        program = python_program(step, text)
+    if program is None:
+        done = subprocess.run(
+            ["bash", "-c", f"set -eo pipefail; {text}"], cwd=session.work, env=session.env,
+            capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+        return done.returncode, done.stdout, done.stderr
+    kind, target, args = program
+    try:
+        done = session.zygote.run(kind, target, args, session.work, session.env, timeout=900)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"README line {step.line} did not finish in 900 s")
+    return done.returncode, done.stdout, done.stderr
+
+
 STEPS = readme_steps()
 
 
@@ -356,19 +400,10 @@ def test_readme_step(step: Step, session: Session):
             pytest.skip(f"README line {step.line}: a server already runs")
         _start_server(session, text)
     else:
-        if step.kind == "python":
-            script = session.scratch / f"readme_line_{step.line}.py"
-            prelude = PY_PRELUDE if "load_config" in text else ""
-            script.write_text(prelude + text + "\n")
-            argv = [sys.executable, str(script)]
-        else:
-            argv = ["bash", "-c", f"set -eo pipefail; {text}"]
-        done = subprocess.run(
-            argv, cwd=session.work, env=session.env, capture_output=True, text=True, timeout=900
-        )
-        assert done.returncode == 0, (
-            f"README line {step.line} failed ({done.returncode}):\n{text}\n"
-            f"--- stdout\n{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-5000:]}"
+        code, out, err = _run_step(session, step, text)
+        assert code == 0, (
+            f"README line {step.line} failed ({code}):\n{text}\n"
+            f"--- stdout\n{out[-3000:]}\n--- stderr\n{err[-5000:]}"
         )
     missing = [p for p in paths if not (session.work / p).exists()]
     assert not missing, f"README line {step.line} names paths that do not exist: {missing}"

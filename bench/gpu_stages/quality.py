@@ -14,8 +14,8 @@ def build_stage(plan: Plan, timeout_s: float, train_budget_s: float) -> Stage | 
         return FASHION_MNIST_MISSING
     out, export = plan.out("quality"), plan.work / "hub"
     sizes = plan.pick(
-        ["--train-images", "256", "--test-images", "128", "--size", "32", "--batch-size", "32",
-         "--workers", "0", "--projector-dim", "256", "--probe-epochs", "5",
+        ["--train-images", "100", "--test-images", "50", "--size", "32", "--batch-size", "25",
+         "--workers", "0", "--projector-dim", "64", "--probe-epochs", "2",
          "--calibration-steps", "2"],
         ["--train-images", "60000", "--test-images", "10000", "--size", "64",
          "--batch-size", "256", "--workers", "10"],

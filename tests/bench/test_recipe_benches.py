@@ -53,8 +53,10 @@ def test_every_method_has_a_grid_of_the_same_size_centred_on_its_recipe():
         for point in grid:
             cfg = load_config(sweep.DEFAULT_CONFIG, [f"method={method}", *point.overrides()])
             assert cfg.optim.final_lr == pytest.approx(cfg.optim.lr / 100)
+    # Every grid is centred on the LARS + BatchNorm family, at the method's own lr.
     ssole_base = grids["ssole"][0].overrides()
-    assert {"optim.name=sgd", "model.projector_batch_norm=false", "optim.lr=0.5"} <= set(ssole_base)
+    assert {"optim.name=lars", "model.projector_batch_norm=true", "optim.lr=0.3"} <= set(ssole_base)
+    assert "optim.lr=0.2" in grids["barlowtwins"][0].overrides()
     vicreg_base = grids["vicreg"][0].overrides()
     assert {"optim.name=lars", "model.projector_batch_norm=true", "optim.lr=0.3"} <= set(
         vicreg_base
@@ -63,9 +65,11 @@ def test_every_method_has_a_grid_of_the_same_size_centred_on_its_recipe():
     # Each method's own factor is in its grid, with the same number of levels.
     assert {"ssole_lambda=0.3", "ssole_lambda=1"} <= {p.name for p in grids["ssole"]}
     assert {"simclr_temperature=0.1", "simclr_temperature=0.5"} <= {p.name for p in grids["simclr"]}
-    # SSOLE also tries the peers' LARS + BatchNorm recipe, and the peers SSOLE's.
-    assert dict(grids["ssole"][-1].settings)["optim.name"] == "lars"
-    assert dict(grids["vicreg"][-1].settings)["model.projector_batch_norm"] is False
+    # Every method also tries the paper's SSOLE recipe: SGD, no BatchNorm, lr 0.5, wd 1e-5.
+    for method, grid in grids.items():
+        assert grid[-1].name == "recipe=sgd-nobn", method
+        assert {"optim.name=sgd", "model.projector_batch_norm=false", "optim.lr=0.5",
+                "optim.weight_decay=1e-05"} <= set(grid[-1].overrides()), method  # fmt: skip
 
 
 def test_points_select_a_subset_in_grid_order_and_unknown_names_fail():

@@ -8,7 +8,6 @@ import importlib.util
 import io
 import json
 import os
-import subprocess
 import sys
 import tarfile
 from dataclasses import dataclass
@@ -152,24 +151,18 @@ def hub_env(tmp_path) -> dict[str, str]:
     return env
 
 
-def run_python(script: str, env: dict[str, str], cwd: Path) -> dict:
-    """Run ``script`` in a fresh interpreter; it prints one JSON object last, which is returned."""
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 @pytest.fixture
-def python_subprocess():
-    """``run(script, env, cwd) -> dict``: run a script in a fresh Python, return its last JSON line."""
-    return run_python
+def python_subprocess(zygote):
+    """``run(script, env, cwd) -> dict``: run a script as ``python -c`` would, in a process that
+    has imported nothing of this project (a child of the zygote, ``tests/zygote.py``); it prints
+    one JSON object last, which is returned."""
+
+    def run(script: str, env: dict[str, str], cwd: Path) -> dict:
+        proc = zygote.run("code", script, [], cwd, env, timeout=600)
+        assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout}\n{proc.stderr}"
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    return run
 
 
 # --- extraction inputs: webdataset tars and parquet files of real photos ----------------------

@@ -3,7 +3,8 @@ offline HF cache; publishing with the real ``huggingface_hub`` client.
 
 The public Hub cannot be reached from tests, so a loopback server (``tests/hub_server.py``) stands
 in for it; the client is pointed at it with ``HF_ENDPOINT``, which huggingface_hub reads at import
-time, so every client runs in a fresh subprocess.
+time, so every client runs in a process of its own that has not imported huggingface_hub (a child
+of the zygote, ``tests/zygote.py``; the ``ssole-hub push`` test starts the installed command).
 """
 
 from __future__ import annotations

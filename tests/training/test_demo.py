@@ -96,7 +96,7 @@ def test_demo_pipeline_serves_and_its_printed_examples_return_embeddings(
         out,
         port=port,
         eval_limit=200,
-        overrides=["epochs=1", "data.max_images=128", "knn.every_epochs=0"],
+        overrides=["epochs=1", "data.max_images=64", "knn.every_epochs=0"],
     )
 
     results = json.loads((out / "eval.json").read_text())

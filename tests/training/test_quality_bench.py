@@ -4,8 +4,8 @@ it must keep working, so that the figures in BENCHMARKS.md can be re-measured.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,21 +21,22 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _bench(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable, str(ROOT / "bench" / "quality.py"),
+def _bench(zygote, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``python bench/quality.py ...`` (in a child of the zygote, ``tests/zygote.py``)."""
+    args = [
         "--train-images", "100", "--test-images", "50", "--epochs", "2", "--views", "2",
         "--size", "32", "--batch-size", "25", "--projector-dim", "64", "--probe-epochs", "2",
         "--workers", "0", "--device", "cpu", "--precision", "fp32",
         "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "quality.json"), *extra,
     ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    script = str(ROOT / "bench" / "quality.py")
+    done = zygote.run("script", script, args, tmp_path, dict(os.environ), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
 
-def test_quality_benchmark_trains_every_method_on_one_budget_and_writes_its_table(tmp_path):
-    done = _bench(tmp_path, "--methods", "ssole,simclr", "--peer-projector", "shared,bn")
+def test_quality_benchmark_trains_every_method_on_one_budget_and_writes_its_table(tmp_path, zygote):
+    done = _bench(zygote, tmp_path, "--methods", "ssole,simclr", "--peer-projector", "shared,bn")
 
     report = json.loads((tmp_path / "quality.json").read_text())
     rows = report["rows"]
@@ -74,7 +75,7 @@ def test_quality_benchmark_trains_every_method_on_one_budget_and_writes_its_tabl
 
     # --evaluate-only evaluates the finished runs again and skips those never run ...
     finals = {d: (runs / d / "final.pt").stat().st_mtime_ns for d in ("ssole", "simclr")}
-    done = _bench(tmp_path, "--methods", "ssole,simclr,vicreg", "--evaluate-only")
+    done = _bench(zygote, tmp_path, "--methods", "ssole,simclr,vicreg", "--evaluate-only")
     assert "vicreg: no finished run of this budget; skipped" in done.stdout
     assert not (runs / "vicreg").exists()
     again = json.loads((tmp_path / "quality.json").read_text())["rows"]
@@ -86,20 +87,18 @@ def test_quality_benchmark_trains_every_method_on_one_budget_and_writes_its_tabl
         if before["train_s"] is not None:  # the logged span lies inside the whole run
             assert 0 < after["train_s"] <= before["train_s"]
     # ... and --reuse retrains a run whose saved config is not this budget's.
-    done = _bench(tmp_path, "--methods", "ssole", "--reuse", "--lr", "1.0")
+    done = _bench(zygote, tmp_path, "--methods", "ssole", "--reuse", "--lr", "1.0")
     assert "ssole: the saved config differs from this budget; retraining" in done.stdout
     assert (runs / "ssole" / "final.pt").stat().st_mtime_ns != finals["ssole"]
     assert json.loads((tmp_path / "quality.json").read_text())["rows"][2]["reused"] is False
 
 
-def test_quality_benchmark_rejects_an_unknown_method_or_projector(tmp_path):
-    bench = [sys.executable, str(ROOT / "bench" / "quality.py")]
+def test_quality_benchmark_rejects_an_unknown_method_or_projector(tmp_path, zygote):
+    script = str(ROOT / "bench" / "quality.py")
     for args, message in (
         (["--methods", "ssole,byol"], "unknown method(s) byol"),
         (["--peer-projector", "shared,ln"], "is not a comma list of shared, bn"),
     ):
-        done = subprocess.run(
-            [*bench, *args], capture_output=True, text=True, timeout=120, cwd=tmp_path
-        )
+        done = zygote.run("script", script, args, tmp_path, dict(os.environ), timeout=120)
         assert done.returncode == 2, args
         assert message in done.stderr, done.stderr

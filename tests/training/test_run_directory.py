@@ -90,14 +90,19 @@ def test_ctrl_c_prints_how_to_resume_instead_of_a_traceback(tmp_path):
         "knn.at_start=false", "knn.every_epochs=0", "device=cpu",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    first = tmp_path / "cut" / "checkpoints" / "step_00000001.pt"
-    deadline = time.monotonic() + 300
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    text = err.decode()
+    log = tmp_path / "stderr.log"  # a file, not a pipe: a full pipe would stall the run
+    with log.open("wb") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        checkpoints = tmp_path / "cut" / "checkpoints"
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if any(checkpoints.glob("step_*.pt")):  # older ones are pruned: any step will do
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    text = log.read_text()
     assert proc.returncode == 130, text
     assert "Traceback" not in text, text
     assert "interrupted; the newest checkpoint is" in text
