@@ -163,15 +163,16 @@ sys.exit(main(sys.argv[1:]))
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_skipping_finished_shards(
-    clean_run, hub_folder, image_dir, tmp_path, capsys
+    clean_run, hub_folder, image_dir, tmp_path, capsys, zygote
 ):
+    """The killed run is a process of its own (a child of the zygote, ``tests/zygote.py``)."""
     out = tmp_path / "out"
     script = tmp_path / "killed_run.py"
     script.write_text(textwrap.dedent(_KILLED_RUN))
     args = ["extract", "--model", str(hub_folder), "--input", str(image_dir), "--out", str(out)]
     args += ["--batch-size", "2", "--shard-size", "4", "--no-progress"]
-    proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO, capture_output=True)
-    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    proc = zygote.run("script", str(script), args, REPO, dict(os.environ))
+    assert proc.returncode == -9, proc.stderr[-2000:]
     # Shard 0 is bad.jpg, empty.png (a batch that needs no forward pass), photo0, photo1; the
     # third forward pass, in shard 1, killed the process.
     assert (out / "_shards" / "00000.json").is_file()

@@ -131,9 +131,9 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_a_killed_ray_run_resumes_to_the_uninterrupted_output(
-    ray_cluster, hub_folder, image_folder, tmp_path, capsys
+    ray_cluster, hub_folder, image_folder, tmp_path, capsys, zygote
 ):
-    """A real driver process, joined to the test's Ray instance with ``--ray-address``, is
+    """A real driver process (a child of the zygote, ``tests/zygote.py``), joined to the test's Ray instance with ``--ray-address``, is
     SIGKILLed just before shard 1's done-marker is written (its embeddings are on disk by then):
     partial output. The re-run, in this process, must skip shard 0 only and end identical to an
     uninterrupted plain run."""
@@ -144,9 +144,8 @@ def test_a_killed_ray_run_resumes_to_the_uninterrupted_output(
     args += ["--out", str(out), "--batch-size", "2", "--shard-size", "2", "--no-progress"]
     args += ["--engine", "ray", "--concurrency", "1"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, str(script), *args, "--ray-address", ray_cluster],
-                          cwd=REPO, env=env, capture_output=True, timeout=300)  # fmt: skip
-    assert proc.returncode == -9, proc.stderr.decode()[-3000:]
+    proc = zygote.run("script", str(script), [*args, "--ray-address", ray_cluster], REPO, env, 300)
+    assert proc.returncode == -9, proc.stderr[-3000:]
     assert (out / "_shards" / "00000.json").is_file() and (out / "embeddings-00001.npy").is_file()
     assert not (out / "_shards" / "00001.json").exists() and not (out / "_manifest.json").exists()
     finished = (out / "embeddings-00000.npy").stat().st_mtime_ns
