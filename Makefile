@@ -33,7 +33,7 @@ datasets:
 # PYTEST_WORKERS=0 runs everything in this process.
 PYTEST_WORKERS ?= 2
 test: venv datasets
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscopereorder
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # Only the README runner (tests/test_readme.py, part of make test): every command and snippet of
 # README.md, in order, in a copy of the checkout.

@@ -3,7 +3,7 @@
 Each commit is checked out into a temporary git worktree and its own ``make test`` recipe runs
 there with this environment's Python (``PYTHONPATH`` points at the worktree, so its code is what
 runs): the test command of its Makefile, without the prerequisites ``venv`` and ``datasets``, which
-are already satisfied here. Runs alternate (baseline, this checkout, baseline, ...) and the table
+are already satisfied here. Runs alternate (this checkout, baseline, this checkout, ...) and the table
 gives each one's wall time, its test counts and the load average around it, then the median ratio.
 Run it on an idle machine, with nothing else running::
 
@@ -53,6 +53,11 @@ def run_suite(worktree: Path) -> dict[str, Any]:
     start = time.perf_counter()
     done = subprocess.run(command, cwd=worktree, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    if done.returncode not in (0, 1):  # pytest's 2-5: interrupted, internal or usage error, none
+        raise SystemExit(
+            f"{' '.join(command)} in {worktree} did not run the suite (exit {done.returncode}):\n"
+            f"{(done.stdout + done.stderr)[-3000:]}"
+        )
     last = (done.stdout.strip().splitlines() or [""])[-1]
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", last)}
     return {
@@ -89,9 +94,9 @@ def main() -> None:
     record = {"machine": machine_record(), "baseline": args.baseline, "commit": args.commit}
     runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "commit": []}
     with tempfile.TemporaryDirectory() as tmp:
-        trees = {
-            "baseline": worktree(args.baseline, Path(tmp)),
+        trees = {  # this checkout first: a test command that cannot start fails at once
             "commit": worktree(args.commit, Path(tmp)),
+            "baseline": worktree(args.baseline, Path(tmp)),
         }
         for r in range(args.repeats):
             for name, tree in trees.items():

@@ -67,7 +67,7 @@ def photo_jpegs(photos) -> list[bytes]:
 
 
 # The modules that take longest (``pytest --durations``), started first: make test hands whole
-# modules to its two workers in collection order (``--dist loadfile --no-loadscopereorder``), and
+# modules to its two workers in collection order (``--dist loadfile --no-loadscope-reorder``), and
 # a long module handed out last keeps one worker busy while the other waits.
 LONGEST_FIRST = (
     "test_readme.py",
