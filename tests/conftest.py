@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 # make test runs two pytest-xdist workers on two cores, each with torch's default of one intra-op
-# thread per core, and many tests start more torch processes. OpenMP threads that spin while
-# they wait then take the cores from each other's work: two such processes each ran a ResNet
-# forward loop 8.7x slower than alone, and 1.8x slower with this setting. Set before torch is
-# imported; the test processes' children inherit it.
+# thread per core, and many tests start more torch processes. OpenMP threads that spin while they
+# wait then take the cores from each other's work: two ResNet forward loops at once each took 16x
+# as long as one alone, and 1.7x with this setting (bench/omp_wait.py, BENCHMARKS.md). Set before
+# torch is imported; the test processes' children inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
