@@ -16,6 +16,7 @@ import argparse
 import os
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -44,6 +45,14 @@ def test_command(worktree: Path) -> list[str]:
     return shlex.split(line)
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """Run the suite with SIGINT as a terminal's ``make test`` has it. Started in the background by a
+    non-interactive shell (``python bench/suite_time.py &``), this script ignores SIGINT, every
+    process below it inherits that, and a test that interrupts a run with SIGINT then waits for
+    the whole run instead."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_suite(worktree: Path) -> dict[str, Any]:
     """Run the worktree's test command once; wall seconds, counts, exit status and load."""
     command = test_command(worktree)
@@ -51,7 +60,10 @@ def run_suite(worktree: Path) -> dict[str, Any]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     before = load_average()
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=worktree, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        command, cwd=worktree, env=env, capture_output=True, text=True,
+        preexec_fn=_sigint_as_in_a_terminal,
+    )  # fmt: skip
     seconds = time.perf_counter() - start
     if done.returncode not in (0, 1):  # pytest's 2-5: interrupted, internal or usage error, none
         raise SystemExit(

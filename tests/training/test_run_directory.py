@@ -83,6 +83,13 @@ def test_resume_refuses_a_checkpoint_another_method_wrote(tiny_config):
         )
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """A suite started in the background by a non-interactive shell (``cmd &``) ignores SIGINT,
+    its children inherit that, and Python then never turns SIGINT into KeyboardInterrupt: give
+    the run the default disposition a terminal's Ctrl-C meets."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_prints_how_to_resume_instead_of_a_traceback(tmp_path):
     cmd = [
         sys.executable, "-m", "training.pretrain", "--config", "training/configs/digits_demo.yaml",
@@ -92,7 +99,10 @@ def test_ctrl_c_prints_how_to_resume_instead_of_a_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     log = tmp_path / "stderr.log"  # a file, not a pipe: a full pipe would stall the run
     with log.open("wb") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err,
+            preexec_fn=_sigint_as_in_a_terminal,
+        )  # fmt: skip
         checkpoints = tmp_path / "cut" / "checkpoints"
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:
