@@ -549,6 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         points = select_points(grid, args.points)
     except ValueError as exc:
         parser.error(str(exc))
+    args.overrides = [f"method={args.method}", *args.overrides]  # the config's own is SSOLE
     budget = budget_of(args, ("knn", "rankme"))
     if args.dry_run:
         dry_run(budget, args.method, points, args.seeds)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from training.config import load_config
 from training.objectives import METHODS
@@ -86,6 +87,7 @@ def test_dry_run_lists_every_run_with_its_exact_overrides_and_trains_nothing(tmp
     assert "barlowtwins_lambda=0.0025" in out and "optim.lr=0.2 " in out
     assert "12 points x 3 seeds (42, 1, 2) = 36 runs" in out
     assert "knn.every_epochs=0" in out and "data.max_images=32" in out
+    assert "method=barlowtwins" in out  # the config's own method is SSOLE
     assert not (tmp_path / "results.json").exists() and not (tmp_path / "work").exists()
 
 
@@ -216,6 +218,7 @@ def test_sweep_trains_and_evaluates_a_tiny_budget_end_to_end(tmp_path, capsys):
     assert 0.0 <= run["knn_top1"] <= 100.0 and run["rankme"] >= 1.0 and run["train_s"] > 0
     run_dir = tmp_path / "work" / "simclr" / "base-s3"
     assert (run_dir / "log.jsonl").is_file() and not (run_dir / "final.pt").exists()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["method"] == "simclr"
     assert "| base | 1 |" in capsys.readouterr().out
 
 
