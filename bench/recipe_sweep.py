@@ -243,11 +243,18 @@ def train_and_evaluate(
     from bench.quality import median_images_per_s
     from training.evaluate import evaluate
     from training.pretrain import run, run_dir_of
+    from training.trainer import NonFiniteLossError
 
     check_objective_wiring(cfg)
     dataset, data_path = _eval_dataset(cfg)
     started = time.perf_counter()
-    checkpoint = run(cfg, overwrite=True)
+    try:
+        checkpoint = run(cfg, overwrite=True)
+    except NonFiniteLossError as exc:  # a result of the grid, not the end of the sweep
+        shutil.rmtree(run_dir_of(cfg) / "checkpoints", ignore_errors=True)
+        return {"knn_top1": None, "linear_top1": None, "rankme": None,
+                "train_s": round(time.perf_counter() - started, 1), "train_images_per_s": None,
+                "eval_s": None, "diverged": str(exc).split(";")[0]}  # fmt: skip
     train_s = time.perf_counter() - started
     result = evaluate(
         str(checkpoint), dataset, data_path, protocols, progress=False, **eval_options
@@ -388,6 +395,8 @@ def interrupted(out: Path, data: dict[str, Any]) -> int:
 
 
 def _measures_line(m: dict[str, Any]) -> str:
+    if m.get("diverged"):
+        return f"diverged ({m['diverged']}; train {m['train_s']:.0f} s)"
     shown = [f"kNN {m['knn_top1']:.2f}%"] if m.get("knn_top1") is not None else []
     if m.get("linear_top1") is not None:
         shown.append(f"linear {m['linear_top1']:.2f}%")
@@ -413,13 +422,15 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarise_runs(runs: list[dict[str, Any]], order: Sequence[str] | None = None) -> list[dict]:
-    """Per point: the number of runs and the mean and std over seeds of each measure; sorted by
+    """Per point: the number of runs, how many diverged (counted, not averaged) and the mean and
+    std over seeds of each measure of the others; sorted by
     mean kNN (best first), or in ``order`` when given."""
     points = list(dict.fromkeys(r["point"] for r in runs))
     rows = []
     for point in points:
         mine = [r for r in runs if r["point"] == point]
         row: dict[str, Any] = {"point": point, "runs": len(mine)}
+        row["diverged"] = sum(bool(r.get("diverged")) for r in mine)
         for measure in ("knn_top1", "linear_top1", "rankme", "train_s"):
             values = [r[measure] for r in mine if r.get(measure) is not None]
             if values:
@@ -440,11 +451,12 @@ def format_table(summary: list[dict[str, Any]], changes: dict[str, str] | None =
                          ("rankme", "RankMe"), ("train_s", "train s"))
         if any(f"{m}_mean" in r for r in summary)
     ]  # fmt: skip
-    head = ["point", "runs", *(t for _, t in measures)] + (["overrides"] if changes else [])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * len(measures)]
+    head = ["point", "runs", "diverged", *(t for _, t in measures)]
+    head += ["overrides"] if changes else []
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (1 + len(measures))]
     lines[1] += "---|" if changes else ""
     for r in summary:
-        cells = [r["point"], str(r["runs"])]
+        cells = [r["point"], str(r["runs"]), str(r.get("diverged", 0))]
         for m, _ in measures:
             digits = 1 if m in ("rankme", "train_s") else 2
             mean, std = r.get(f"{m}_mean"), r.get(f"{m}_std")

@@ -148,7 +148,7 @@ def test_runs_are_written_as_they_finish_and_resume_runs_only_the_rest(
     assert base["knn_top1_std"] == pytest.approx(statistics.stdev([90.1, 90.2]), abs=1e-3)
     table = out[out.index("| point |") :]
     assert table.index("| base |") < table.index("| views=2 |")
-    assert "| base | 2 | 90.15 ± 0.07 |" in table
+    assert "| base | 2 | 0 | 90.15 ± 0.07 |" in table
     assert "views.num_views=2" in table  # the point's change from the base
 
 
@@ -174,7 +174,7 @@ def test_ablation_table_keeps_the_point_order_and_records_the_probe(tmp_path, mo
     assert data["budget"]["evaluation"]["probe_epochs"] == 3
     assert data["runs"][0]["linear_top1"] == pytest.approx(data["runs"][0]["knn_top1"] + 1)
     out = capsys.readouterr().out
-    assert "| ssole | 1 | 90.70 ± 0.00 | 91.70 ± 0.00 | 3.0 ± 0.0 |" in out
+    assert "| ssole | 1 | 0 | 90.70 ± 0.00 | 91.70 ± 0.00 | 3.0 ± 0.0 |" in out
     assert (tmp_path / "a.png").is_file() == ("wrote " + str(tmp_path / "a.png") in out)
 
 
@@ -238,3 +238,29 @@ def test_ablation_trains_a_variant_and_probes_it_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| objective=coupled_ole | 1 |" in out
     assert plot.is_file() == ("matplotlib is not installed" not in out)
+
+
+def test_a_diverged_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    """A grid point can diverge (VICReg on plain SGD does): that run is a result, counted in the
+    table, and the sweep continues with the next one."""
+    import training.pretrain as pretrain
+    from training.trainer import NonFiniteLossError
+
+    real_run = pretrain.run
+
+    def run(cfg, overwrite=False):
+        if cfg.seed == 1:
+            raise NonFiniteLossError("loss not finite for 20 steps in a row; lower optim.lr")
+        return real_run(cfg, overwrite=overwrite)
+
+    monkeypatch.setattr(pretrain, "run", run)
+    argv = ["--method", "ssole", "--points", "base", "--seeds", "1", "3"]
+    assert sweep.main([*argv, *_args(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    runs = {r["seed"]: r for r in data["runs"]}
+    assert runs[1]["diverged"] == "loss not finite for 20 steps in a row"
+    assert runs[1]["knn_top1"] is None and runs[3]["knn_top1"] is not None
+    assert (data["summary"][0]["runs"], data["summary"][0]["diverged"]) == (2, 1)
+    out = capsys.readouterr().out
+    assert "base seed 1: diverged (loss not finite for 20 steps in a row" in out
+    assert "| base | 2 | 1 |" in out
