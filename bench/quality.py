@@ -4,7 +4,8 @@ Every method trains the same ResNet-18 (``ssole_resnet18``) with the same projec
 augmentations, optimiser, schedule, seed and number of steps through ``training.pretrain.run``;
 only ``method`` differs. The peers are ``lightly``'s 2-view losses averaged over all N*(N-1)/2
 pairs of the N views (``training.objectives``); ``--peer-projector bn`` (or ``shared,bn``) also
-trains them with BatchNorm in the projector, as VICReg and Barlow Twins publish. Two baselines:
+trains them with BatchNorm in the projector, as VICReg and Barlow Twins publish, and
+``--ssole-projector`` gives SSOLE the same choice (its released projector has no BatchNorm). Two baselines:
 kNN on raw pixels and the random-init backbone (the trainer's own initialisation, same seed). Each
 model is evaluated by ``training.evaluate`` (weighted kNN k=20 T=0.07, linear probe, RankMe of the
 train features).
@@ -276,6 +277,35 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         )
 
 
+def _projectors(parser: argparse.ArgumentParser, option: str, value: str) -> list[bool]:
+    """``--peer-projector`` / ``--ssole-projector``: whether each projector asked for has
+    BatchNorm, in the order given."""
+    projectors = list(dict.fromkeys(p.strip() for p in value.split(",") if p.strip()))
+    if not projectors or set(projectors) - {"shared", "bn"}:
+        parser.error(f"{option}: {value!r} is not a comma list of shared, bn")
+    return [p == "bn" for p in projectors]
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """SSOLE's best variant against the best peer variant and raw pixels (kNN top-1); empty
+    unless SSOLE and a peer were trained."""
+    trained = [r for r in rows if r["method"]]
+    ssole = max((r for r in trained if r["method"] == "ssole"), key=_knn, default=None)
+    peer = max((r for r in trained if r["method"] != "ssole"), key=_knn, default=None)
+    if ssole is None or peer is None:
+        return {}
+    return {
+        "ssole": ssole["model"],
+        "ssole_minus_best_peer_knn": round(ssole["knn_top1"] - peer["knn_top1"], 2),
+        "best_peer": peer["model"],
+        "ssole_minus_raw_pixels_knn": round(ssole["knn_top1"] - rows[0]["knn_top1"], 2),
+    }
+
+
+def _knn(row: dict[str, Any]) -> float:
+    return row["knn_top1"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -313,6 +343,11 @@ def main() -> int:
         "(the peers put BatchNorm after each hidden layer, as VICReg and Barlow Twins publish)",
     )
     parser.add_argument(
+        "--ssole-projector",
+        default="shared",
+        help="the same for SSOLE: shared (its released projector, no BatchNorm) and/or bn",
+    )
+    parser.add_argument(
         "--reuse",
         action="store_true",
         help="evaluate a method's earlier run in --work-dir instead of retraining it when its "
@@ -340,15 +375,15 @@ def main() -> int:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    projectors = list(dict.fromkeys(p.strip() for p in args.peer_projector.split(",") if p.strip()))
-    if not projectors or set(projectors) - {"shared", "bn"}:
-        parser.error(f"--peer-projector: {args.peer_projector!r} is not a comma list of shared, bn")
-    # SSOLE keeps its released projector; the peers train once per projector asked for.
-    peer_batch_norm = [p == "bn" for p in projectors]
+    batch_norm = {
+        option: _projectors(parser, option, getattr(args, option[2:].replace("-", "_")))
+        for option in ("--peer-projector", "--ssole-projector")
+    }
+    # Each method trains once per projector asked for it.
     variants = [
-        (method, batch_norm)
+        (method, bn)
         for method in methods
-        for batch_norm in ([False] if method == "ssole" else peer_batch_norm)
+        for bn in batch_norm["--ssole-projector" if method == "ssole" else "--peer-projector"]
     ]
 
     work = Path(args.work_dir)
@@ -424,7 +459,7 @@ def main() -> int:
         result = evaluate(str(checkpoint), "fashion-mnist", data_root, **eval_kw)
         rows.append({**_row(name, result, train_s, method, checkpoint.parent), "reused": reused})
         print_table(rows[-1:])
-        if args.export and name == "ssole":
+        if args.export and method == "ssole" and exported is None:
             exported = export_ssole(checkpoint, Path(args.export), rows)
             print(f"exported {exported}")
 
@@ -435,18 +470,10 @@ def main() -> int:
         for k in (
             "train_images", "test_images", "epochs", "views", "size", "batch_size",
             "projector_dim", "optimizer", "lr", "weight_decay", "warmup_epochs", "probe_epochs",
-            "precision", "peer_projector", "seed", "time_budget",
+            "precision", "peer_projector", "ssole_projector", "seed", "time_budget",
         )
     }  # fmt: skip
-    trained = {r["model"]: r["knn_top1"] for r in rows if r["method"]}
-    summary = {}
-    if "ssole" in trained and len(trained) > 1:
-        best_peer = max((v, k) for k, v in trained.items() if k != "ssole")
-        summary = {
-            "ssole_minus_best_peer_knn": round(trained["ssole"] - best_peer[0], 2),
-            "best_peer": best_peer[1],
-            "ssole_minus_raw_pixels_knn": round(trained["ssole"] - rows[0]["knn_top1"], 2),
-        }
+    summary = summarise(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(

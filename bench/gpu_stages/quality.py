@@ -29,7 +29,7 @@ def build_stage(plan: Plan, timeout_s: float, train_budget_s: float) -> Stage | 
 
     def judge() -> tuple[dict[str, Any], list[Check]]:
         r = read_json(out)
-        rows = {row["model"].replace(" ", "_"): row for row in r["rows"]}
+        rows = {row["method"] or row["model"].replace(" ", "_"): row for row in r["rows"]}
         folder = export / str(r["exported"])
         files = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
         figures = {

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -281,20 +279,19 @@ def test_unreadable_parquet_files_are_named_and_the_others_embedded(
     assert f"{good} has no column 'picture'" in capsys.readouterr().err
 
 
-def test_a_wrong_ray_address_fails_fast_naming_it(hub_folder, photo_dir, tmp_path):
-    """A fresh process (as a user's command, not joined to any Ray) pointed at a port where
-    nothing listens: one error line naming the address, well within 30 s (Ray's own retries
-    took over 2 minutes). The bound is generous: it includes importing torch."""
+def test_a_wrong_ray_address_fails_fast_naming_it(hub_folder, photo_dir, tmp_path, zygote):
+    """``python -m ssole_hub extract`` in a process not joined to any Ray (a child of the zygote,
+    ``tests/zygote.py``, which has not imported Ray) pointed at a port where nothing listens: one
+    error line naming the address, well within 30 s (Ray's own retries took over 2 minutes)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{probe.getsockname()[1]}"
-    cmd = [sys.executable, "-m", "ssole_hub", "extract", "--engine", "ray", "--ray-address"]
-    cmd += [address, "--model", str(hub_folder), "--input", str(photo_dir)]
-    cmd += ["--out", str(tmp_path / "out"), "--no-progress"]
+    args = ["extract", "--engine", "ray", "--ray-address", address, "--model", str(hub_folder)]
+    args += ["--input", str(photo_dir), "--out", str(tmp_path / "out"), "--no-progress"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(REPO)
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = zygote.run("module", "ssole_hub", args, REPO, env, timeout=120)
     elapsed = time.monotonic() - start
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]

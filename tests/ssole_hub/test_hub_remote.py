@@ -4,15 +4,14 @@ offline HF cache; publishing with the real ``huggingface_hub`` client.
 The public Hub cannot be reached from tests, so a loopback server (``tests/hub_server.py``) stands
 in for it; the client is pointed at it with ``HF_ENDPOINT``, which huggingface_hub reads at import
 time, so every client runs in a process of its own that has not imported huggingface_hub (a child
-of the zygote, ``tests/zygote.py``; the ``ssole-hub push`` test starts the installed command).
+of the zygote, ``tests/zygote.py``; the ``ssole-hub push`` test runs the installed command's entry
+point there).
 """
 
 from __future__ import annotations
 
 import hashlib
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -213,31 +212,24 @@ def test_push_with_the_default_client_settings_commits_every_file(
         assert hub.files("me/default-path")[name] == (hub_folder / name).read_bytes(), name
 
 
-def _ssole_hub_command() -> list[str]:
-    """The installed ``ssole-hub`` script of this interpreter (``python -m ssole_hub`` if none)."""
-    script = Path(sys.executable).with_name("ssole-hub")
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "ssole_hub"]
-
-
 def test_push_to_an_unreachable_or_refusing_hub_prints_one_error_line(
-    loopback_hub, hub_folder, hub_env, tmp_path
+    loopback_hub, hub_folder, hub_env, tmp_path, zygote
 ):
-    """The real command in a fresh process. Simulated: no network, as a loopback port nothing
-    listens on; then the stand-in Hub refusing a wrong token (HTTP 401)."""
-    push = [*_ssole_hub_command(), "push", str(hub_folder), "--repo", "me/pushed"]
+    """The installed ``ssole-hub`` command (its console entry point, in a child of the zygote).
+    Simulated: no network, as a loopback port nothing listens on; then the stand-in Hub refusing
+    a wrong token (HTTP 401)."""
+    push = ["push", str(hub_folder), "--repo", "me/pushed"]
     env = {**hub_env, "HF_TOKEN": "test-token", "HF_HUB_DISABLE_XET": "1"}
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         nobody = f"http://127.0.0.1:{closed.getsockname()[1]}"  # bound, never listening
-        done = subprocess.run(
-            push, env={**env, "HF_ENDPOINT": nobody}, capture_output=True, text=True, timeout=300
-        )
-    refused = subprocess.run(
+        done = zygote.run("console", "ssole-hub", push, tmp_path, {**env, "HF_ENDPOINT": nobody})
+    refused = zygote.run(
+        "console",
+        "ssole-hub",
         push,
-        env={**env, "HF_ENDPOINT": loopback_hub.endpoint, "HF_TOKEN": "wrong-token"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+        tmp_path,
+        {**env, "HF_ENDPOINT": loopback_hub.endpoint, "HF_TOKEN": "wrong-token"},
     )
     for run, reason in [
         (done, f"cannot reach the Hub at {nobody} to push me/pushed"),

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -371,7 +371,8 @@ def test_extract_defaults_to_auto_and_keeps_torch_for_torch_only_options(
     assert chosen == {"default": BACKEND_PREFERENCE[0], "bf16": "torch"}
 
 
-def test_without_onnx_packages_import_works_and_auto_uses_torch(onnx_folder):
+def test_without_onnx_packages_import_works_and_auto_uses_torch(onnx_folder, zygote):
+    """In a child of the zygote (``tests/zygote.py``), which has imported no ONNX package."""
     script = (
         "import sys\n"
         "sys.modules.update(onnx=None, onnxruntime=None, openvino=None)  # importing fails\n"
@@ -380,9 +381,7 @@ def test_without_onnx_packages_import_works_and_auto_uses_torch(onnx_folder):
         " backend='auto')\n"
         "print(fx.backend, sys.modules['openvino'])\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300
-    )
+    done = zygote.run("code", script, [], REPO, dict(os.environ), timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["torch", "None"]
 

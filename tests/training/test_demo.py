@@ -5,6 +5,7 @@ checked against an independent kNN on the same split."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -153,17 +154,17 @@ def test_demo_pipeline_serves_and_its_printed_examples_return_embeddings(
     assert "torch.hub features (1, 512)" in hub_out
 
 
-def test_demo_with_its_port_taken_stops_before_training(tmp_path: Path) -> None:
+def test_demo_with_its_port_taken_stops_before_training(tmp_path: Path, zygote) -> None:
     """`make demo` used to train, evaluate and export for minutes and only then die on
-    `address already in use`: the port is now checked first, and the error says how out."""
+    `address already in use`: the port is now checked first, and the error says how out. (The
+    demo runs in a child of the zygote, ``tests/zygote.py``.)"""
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        done = subprocess.run(
-            [sys.executable, "-m", "training.demo", "--out", str(tmp_path / "demo"), "--port", str(port)],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+        args = ["--out", str(tmp_path / "demo"), "--port", str(port)]
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        done = zygote.run("module", "training.demo", args, REPO_ROOT, env, timeout=120)
     assert done.returncode == 2, done.stderr
     assert f"127.0.0.1:{port} is already in use" in done.stderr
     assert "make demo PORT=" in done.stderr and "Nothing was trained" in done.stderr

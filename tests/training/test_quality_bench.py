@@ -26,7 +26,7 @@ def _bench(zygote, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     args = [
         "--train-images", "100", "--test-images", "50", "--epochs", "2", "--views", "2",
         "--size", "32", "--batch-size", "25", "--projector-dim", "64", "--probe-epochs", "2",
-        "--workers", "0", "--device", "cpu", "--precision", "fp32",
+        "--workers", "0", "--device", "cpu", "--precision", "fp32", "--ssole-projector", "bn",
         "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "quality.json"), *extra,
     ]  # fmt: skip
     script = str(ROOT / "bench" / "quality.py")
@@ -40,7 +40,7 @@ def test_quality_benchmark_trains_every_method_on_one_budget_and_writes_its_tabl
 
     report = json.loads((tmp_path / "quality.json").read_text())
     rows = report["rows"]
-    names = ["raw pixels", "random init", "ssole", "simclr", "simclr (BN projector)"]
+    names = ["raw pixels", "random init", "ssole (BN projector)", "simclr", "simclr (BN projector)"]
     assert [r["model"] for r in rows] == names
     assert [r["method"] for r in rows] == [None, None, "ssole", "simclr", "simclr"]
     for row in rows:
@@ -52,19 +52,21 @@ def test_quality_benchmark_trains_every_method_on_one_budget_and_writes_its_tabl
     # The summary is computed from the rows (both SimCLR variants count as peers).
     knn = {r["model"]: r["knn_top1"] for r in rows}
     best = max(names[3:], key=knn.__getitem__)
+    ssole = knn["ssole (BN projector)"]
     assert report["summary"]["best_peer"] == best
+    assert report["summary"]["ssole"] == "ssole (BN projector)"
     assert report["summary"]["ssole_minus_best_peer_knn"] == pytest.approx(
-        knn["ssole"] - knn[best], abs=0.01
+        ssole - knn[best], abs=0.01
     )
     assert report["summary"]["ssole_minus_raw_pixels_knn"] == pytest.approx(
-        knn["ssole"] - knn["raw pixels"], abs=0.01
+        ssole - knn["raw pixels"], abs=0.01
     )
     # The shared config names no machine's paths, and the table is printed.
     assert not any(str(tmp_path) in o for o in report["config_overrides"])
-    assert "| ssole |" in done.stdout and "| raw pixels |" in done.stdout
-    # SSOLE always trains its released projector (no BatchNorm); only peers may get one.
+    assert "| ssole (BN projector) |" in done.stdout and "| raw pixels |" in done.stdout
+    # Each method trains the projectors asked for it (SSOLE's and the peers' separately).
     runs = tmp_path / "work" / "runs"
-    for run_name, batch_norm in (("ssole", False), ("simclr", False), ("simclr-bn", True)):
+    for run_name, batch_norm in (("ssole-bn", True), ("simclr", False), ("simclr-bn", True)):
         ckpt = load_model_checkpoint(runs / run_name / "final.pt")
         assert ckpt.projector_config["batch_norm"] is batch_norm, run_name
 
@@ -74,7 +76,7 @@ def test_quality_benchmark_trains_every_method_on_one_budget_and_writes_its_tabl
     assert np.bincount(test.labels).tolist() == [5] * 10
 
     # --evaluate-only evaluates the finished runs again and skips those never run ...
-    finals = {d: (runs / d / "final.pt").stat().st_mtime_ns for d in ("ssole", "simclr")}
+    finals = {d: (runs / d / "final.pt").stat().st_mtime_ns for d in ("ssole-bn", "simclr")}
     done = _bench(zygote, tmp_path, "--methods", "ssole,simclr,vicreg", "--evaluate-only")
     assert "vicreg: no finished run of this budget; skipped" in done.stdout
     assert not (runs / "vicreg").exists()
@@ -88,8 +90,8 @@ def test_quality_benchmark_trains_every_method_on_one_budget_and_writes_its_tabl
             assert 0 < after["train_s"] <= before["train_s"]
     # ... and --reuse retrains a run whose saved config is not this budget's.
     done = _bench(zygote, tmp_path, "--methods", "ssole", "--reuse", "--lr", "1.0")
-    assert "ssole: the saved config differs from this budget; retraining" in done.stdout
-    assert (runs / "ssole" / "final.pt").stat().st_mtime_ns != finals["ssole"]
+    assert "ssole-bn: the saved config differs from this budget; retraining" in done.stdout
+    assert (runs / "ssole-bn" / "final.pt").stat().st_mtime_ns != finals["ssole-bn"]
     assert json.loads((tmp_path / "quality.json").read_text())["rows"][2]["reused"] is False
 
 
@@ -97,7 +99,8 @@ def test_quality_benchmark_rejects_an_unknown_method_or_projector(tmp_path, zygo
     script = str(ROOT / "bench" / "quality.py")
     for args, message in (
         (["--methods", "ssole,byol"], "unknown method(s) byol"),
-        (["--peer-projector", "shared,ln"], "is not a comma list of shared, bn"),
+        (["--peer-projector", "shared,ln"], "--peer-projector: 'shared,ln' is not a comma list"),
+        (["--ssole-projector", ""], "--ssole-projector: '' is not a comma list of shared, bn"),
     ):
         done = zygote.run("script", script, args, tmp_path, dict(os.environ), timeout=120)
         assert done.returncode == 2, args
