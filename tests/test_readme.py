@@ -344,9 +344,10 @@ def _missing_prerequisite(session: Session, paths: list[str]) -> str | None:
 _SHELL_SYNTAX = re.compile(r"[|&;<>()$`*?~\\\"']|^\w+=")
 
 
-def python_program(step: Step, text: str) -> tuple[str, str, list[str]] | None:
-    """``(kind, target, args)`` for a step the zygote can run (module docstring), else None."""
-    if step.kind == "python" or _SHELL_SYNTAX.search(text):
+def python_program(text: str) -> tuple[str, str, list[str]] | None:
+    """``(kind, target, args)`` for a shell step the zygote can run (module docstring), else
+    None."""
+    if _SHELL_SYNTAX.search(text):
         return None
     words = text.split()
     if words[:2] == ["python", "-m"] and len(words) > 2:
@@ -364,7 +365,7 @@ def _run_step(session: Session, step: Step, text: str) -> tuple[int, str, str]:
         script.write_text(prelude + text + "\n")
         program = ("script", str(script), [])
     else:
-        program = python_program(step, text)
+        program = python_program(text)
     if program is None:
         done = subprocess.run(
             ["bash", "-c", f"set -eo pipefail; {text}"], cwd=session.work, env=session.env,
