@@ -261,6 +261,7 @@ async def list_models(request: Request) -> ModelList:
         ready=service.ready,
         dimensions=dict(service.backend.dimensions) if service.backend else {},
         backend=service.backend.backend_name if service.backend else None,
+        backend_timings=dict(service.backend.backend_timings) if service.backend else {},
     )
     return ModelList(data=[card])
 

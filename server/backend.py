@@ -40,7 +40,11 @@ class EmbeddingBackend(Protocol):
     """Embedding size per available output (``backbone``, and ``projector`` if present)."""
 
     backend_name: str
-    """What runs the forward pass (``torch``, ``onnx``, ``onnx-int8``), shown by ``/v1/models``."""
+    """What runs the forward pass (``torch``, ``onnx``, ``onnx-bf16``, ``onnx-int8``), shown by
+    ``/v1/models``."""
+
+    backend_timings: dict[str, float]
+    """Milliseconds per image of each backend ``auto`` timed at load (empty when fixed)."""
 
     def prepare(self, data: bytes) -> torch.Tensor:
         """Decode and preprocess one encoded image; raises ``ssole_hub.images`` errors."""
@@ -70,6 +74,7 @@ class ExtractorBackend:
         self.extractor = extractor
         self.dimensions: dict[str, int] = dict(extractor.dims)
         self.backend_name: str = extractor.backend
+        self.backend_timings: dict[str, float] = dict(extractor.backend_timings)
 
     def prepare(self, data: bytes) -> torch.Tensor:
         """Decode ``data`` with the extractor's limits and apply the model's eval transform."""

@@ -91,7 +91,13 @@ class ModelCard(BaseModel):
     )
     backend: str | None = Field(
         default=None,
-        description="what runs the forward pass once loaded: `torch`, `onnx` or `onnx-int8`",
+        description="what runs the forward pass once loaded: `torch`, `onnx`, `onnx-bf16` or "
+        "`onnx-int8`",
+    )
+    backend_timings: dict[str, float] = Field(
+        default_factory=dict,
+        description="milliseconds per image of each backend that `auto` timed at load on this "
+        "machine (it serves the fastest); empty when the backend was given",
     )
 
 

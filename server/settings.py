@@ -49,8 +49,8 @@ class ServerSettings(BaseSettings):
         default="auto",
         description="forward pass: torch, or OpenVINO on the CPU with the model folder's "
         "onnx/model.onnx (onnx: float32, onnx-bf16: bfloat16) or onnx/model_int8.onnx "
-        "(onnx-int8); auto: torch on a GPU, else the fastest backend that the folder has and "
-        "that passed its export check (as measured)",
+        "(onnx-int8); auto: torch on a GPU, else each backend that the folder has and that "
+        "passed its export check, and torch, is timed at start-up and the fastest served",
     )
     default_output: Output = Field(
         default="backbone", description="embedding returned when a request names no `output`"

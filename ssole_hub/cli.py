@@ -273,8 +273,9 @@ def _add_engine_options(p: argparse.ArgumentParser) -> None:
         choices=BACKENDS,
         help="forward pass: torch, or OpenVINO on the CPU with the folder's onnx/ files (onnx: "
         "float32, onnx-bf16, onnx-int8); auto = torch on a GPU, with --compile or with a "
-        "--dtype other than auto or float32, else the fastest backend the folder has that "
-        "passed its export check (torch if none)",
+        "--dtype other than auto or float32, else each backend the folder has that passed its "
+        "export check, and torch, timed here on one batch: the fastest (a resumed run keeps "
+        "its finished shards' backend)",
     )
     p.add_argument(
         "--engine",

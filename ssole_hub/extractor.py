@@ -12,6 +12,8 @@ nothing else differs between backends.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -34,11 +36,18 @@ from ssole_hub.images import (
 )
 from ssole_hub.models import Output, SSOLEModel, l2_normalize
 from ssole_hub.preprocessing import resolve_preprocessing
-from ssole_hub.runtimes.backends import Backend, choose_backend
+from ssole_hub.runtimes.backends import (
+    TIMING_BATCH,
+    Backend,
+    candidate_backends,
+    fastest_backend,
+)
 from ssole_hub.runtimes.eager import default_device, inference_model, resolve_dtype
 from ssole_hub.runtimes.openvino import OnnxModel
 
 __all__ = ["FeatureExtractor", "ImageInput"]
+
+log = logging.getLogger("ssole_hub")
 
 ImageInput = (
     bytes | bytearray | memoryview | str | os.PathLike | Image.Image | torch.Tensor | np.ndarray
@@ -105,7 +114,11 @@ class FeatureExtractor:
         transform: timm's eval transform, RGB PIL image -> ``(3, H, W)`` float tensor.
         device: where the forward pass runs.
         dtype: compute dtype (autocast below float32); outputs are always float32.
-        backend: what runs the forward pass: ``"torch"``, ``"onnx"`` or ``"onnx-int8"``.
+        backend: what runs the forward pass: ``"torch"``, ``"onnx"``, ``"onnx-bf16"`` or
+            ``"onnx-int8"``.
+        backend_timings: milliseconds per image of each backend that ``backend="auto"`` timed
+            at load (on a batch of :data:`~ssole_hub.runtimes.backends.TIMING_BATCH`), the
+            chosen one the fastest; empty when there was nothing to choose between.
         decode_options: keyword arguments this extractor passes to
             :func:`ssole_hub.images.decode_image` (limits, ``draft_size``).
     """
@@ -155,6 +168,7 @@ class FeatureExtractor:
             max_bytes=max_bytes, max_pixels=max_pixels, draft_size=draft_size
         )
         self.backend: Backend = "torch"
+        self.backend_timings: dict[str, float] = {}
         if isinstance(model, OnnxModel):
             self.backend = model.backend
             self.model: SSOLEModel | OnnxModel = model
@@ -203,9 +217,10 @@ class FeatureExtractor:
                 ``"torch"``; ``"onnx"`` / ``"onnx-bf16"`` / ``"onnx-int8"``: OpenVINO on the
                 CPU with the hub folder's ``onnx/model.onnx`` (at float32 / bfloat16
                 precision) or ``onnx/model_int8.onnx`` (written by ``ssole-hub export
-                --onnx``); ``"auto"``: torch on CUDA, and on a CPU the fastest backend that
-                the folder has and that passed its fidelity check at export (logged; see
-                :func:`ssole_hub.runtimes.backends.choose_backend`).
+                --onnx``); ``"auto"``: torch on CUDA; on a CPU, each backend that the folder
+                has and that passed its fidelity check at export, and torch, is loaded and
+                timed on one batch, and the fastest is kept (logged, and in
+                :attr:`backend_timings`; see :func:`ssole_hub.runtimes.backends.fastest_backend`).
 
         Raises:
             ValueError: a bad ``dtype`` or ``backend``, an ONNX backend for a source that is
@@ -224,24 +239,63 @@ class FeatureExtractor:
             fast_decode=fast_decode,
         )
         built = isinstance(model, nn.Module)
-        chosen = choose_backend(
+        candidates = candidate_backends(
             backend,
             default_device(device),
             guarded=(lambda: []) if built else (lambda: guarded_backends(model)),
-            name=type(model).__name__ if built else os.fspath(model),
         )
         if built:
-            if chosen != "torch":
-                raise ValueError(f"backend {chosen!r} needs a hub folder, not a built module")
+            if candidates != ("torch",):
+                raise ValueError(f"backend {backend!r} needs a hub folder, not a built module")
             return cls(model, model_id=model_id, **kwargs)
         name = os.fspath(model)
-        if chosen != "torch":
-            onnx_model = load_onnx_model(name, chosen)
+        load = functools.partial(
+            cls._load, name, with_projector, pretrained, model_id=model_id or name, **kwargs
+        )
+        if len(candidates) > 1:
+            return cls._fastest({b: load(b) for b in candidates}, name)
+        if backend == "auto":
+            log.info(
+                "backend auto: using %s for %s on %s (no other backend to time)",
+                candidates[0], name, default_device(device),
+            )  # fmt: skip
+        return load(candidates[0])
+
+    @classmethod
+    def _load(
+        cls,
+        name: str,
+        with_projector: bool | None,
+        pretrained: bool,
+        backend: Backend,
+        **kwargs: Any,
+    ) -> FeatureExtractor:
+        """One extractor of the model ``name`` on ``backend`` (see :meth:`from_pretrained`)."""
+        if backend != "torch":
+            onnx_model = load_onnx_model(name, backend)
             if with_projector and "projector" not in onnx_model.output_dims:
                 raise ValueError(f"{onnx_model.path} has no projector output")
-            return cls(onnx_model, model_id=model_id or name, **kwargs)
+            return cls(onnx_model, **kwargs)
         module = load_model(name, pretrained=pretrained, with_projector=with_projector)
-        return cls(module, model_id=model_id or name, **kwargs)
+        return cls(module, **kwargs)
+
+    @staticmethod
+    def _fastest(extractors: dict[Backend, FeatureExtractor], name: str) -> FeatureExtractor:
+        """The extractor whose backend embeds a batch fastest here, its timings recorded."""
+        some = next(iter(extractors.values()))
+        batch = torch.zeros(TIMING_BATCH, *some.data_config["input_size"])
+        chosen, timings = fastest_backend(
+            {b: functools.partial(fx.embed_tensor, batch) for b, fx in extractors.items()},
+            TIMING_BATCH,
+        )
+        fx = extractors[chosen]
+        fx.backend_timings = timings
+        figures = ", ".join(f"{b} {ms:g}" for b, ms in timings.items())
+        log.info(
+            "backend auto: using %s for %s on %s (ms per image at batch %d: %s)",
+            chosen, name, fx.device, TIMING_BATCH, figures,
+        )  # fmt: skip
+        return fx
 
     # -- images -> tensors -------------------------------------------------------------------
 

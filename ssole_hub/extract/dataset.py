@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 
 from ssole_hub.extract.inputs import open_input
-from ssole_hub.extract.output import FILE_FORMATS, FileFormat
+from ssole_hub.extract.output import FILE_FORMATS, FileFormat, earlier_backend
 from ssole_hub.extract.plain import extract_plain
 from ssole_hub.extract.ray import extract_with_ray
 from ssole_hub.extract.resume import Options
@@ -119,6 +119,8 @@ def extract_dataset(
         inputs, shard_size=shard_size, image_column=image_column, id_column=id_column
     )
     options = Options(output, normalize, file_format)
+    if backend == "auto":  # a resumed run keeps the backend of its finished shards
+        backend = earlier_backend(Path(out_dir)) or backend
     load = dict(
         dtype=dtype,
         with_projector=output == "projector",

@@ -46,6 +46,7 @@ __all__ = [
     "SHARDS_DIR",
     "FileFormat",
     "check_output",
+    "earlier_backend",
     "pending_shards",
     "read_embeddings",
     "relocate_shards",
@@ -150,9 +151,11 @@ def write_shard(
     fingerprint: str,
     *,
     name: str,
+    backend: str,
 ) -> None:
     """Write output shard ``k`` of input shard ``name``: ``emb`` (``(len(ids), dim)`` float32),
-    ``ids`` in row order, ``errors``, and last its ``"done"`` marker."""
+    ``ids`` in row order, ``errors``, and last its ``"done"`` marker (which also names the
+    ``backend`` that computed it)."""
     if emb.shape[0] != len(ids):
         raise ValueError(f"shard {k}: {emb.shape[0]} embeddings for {len(ids)} ids")
     files = shard_files(k, file_format)
@@ -166,6 +169,7 @@ def write_shard(
         "input": name,
         "status": "done",
         "fingerprint": fingerprint,
+        "backend": backend,
         "count": len(ids),
         "num_errors": len(errors),
         **{key: files[key] for key in ("embeddings", "ids", "errors")},
@@ -226,6 +230,14 @@ def _markers(out: Path) -> dict[int, dict[str, Any]]:
         if marker is not None:
             found[int(match.group(1))] = marker
     return found
+
+
+def earlier_backend(out: Path) -> str | None:
+    """The backend that computed the finished shards already in ``out`` (None when there are
+    none): a resumed ``backend="auto"`` run keeps it rather than timing the backends again, whose
+    choice could differ and would make the finished shards unusable."""
+    done = [m for _, m in sorted(_markers(out).items()) if m.get("status") == "done"]
+    return next((m["backend"] for m in done if m.get("backend")), None)
 
 
 def check_output(out: Path, names: list[str], fingerprint: str) -> dict[int, int]:

@@ -104,12 +104,35 @@ def _distributed() -> tuple[int, int, int, bool]:
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), True
 
 
-def _barrier() -> None:
+def _gloo_group() -> dist.ProcessGroup | None:
+    """The default group if it is gloo's, else a gloo side group: a collective on the caller's
+    NCCL group would need a device, a gloo one does not."""
     if dist.get_backend() == "gloo":
-        dist.barrier()
-    else:
-        # A barrier on the caller's NCCL group would need a device; a gloo side group does not.
-        dist.barrier(group=dist.new_group(backend="gloo", timeout=_BARRIER_TIMEOUT))
+        return None
+    return dist.new_group(backend="gloo", timeout=_BARRIER_TIMEOUT)
+
+
+def _barrier() -> None:
+    dist.barrier(group=_gloo_group())
+
+
+def _extractor(
+    model: str | os.PathLike | torch.nn.Module, device: Any, load: dict[str, Any], world: int
+) -> FeatureExtractor:
+    """The run's extractor. Under torchrun, ``backend="auto"`` is timed by rank 0 alone and
+    every rank takes its choice: ranks that chose apart would write shards of two backends."""
+    if load["backend"] != "auto" or world == 1:
+        return FeatureExtractor.from_pretrained(model, device=device, **load)
+    fx = (
+        FeatureExtractor.from_pretrained(model, device=device, **load)
+        if dist.get_rank() == 0
+        else None
+    )
+    chosen = [fx.backend if fx is not None else None]
+    dist.broadcast_object_list(chosen, src=0, group=_gloo_group())
+    if fx is not None:
+        return fx
+    return FeatureExtractor.from_pretrained(model, device=device, **{**load, "backend": chosen[0]})
 
 
 def extract_plain(
@@ -131,7 +154,7 @@ def extract_plain(
         else:
             if device is None and torch.cuda.is_available():
                 device = f"cuda:{local_rank}"
-            fx = FeatureExtractor.from_pretrained(model, device=device, **load)
+            fx = _extractor(model, device, load, world)
         if options.output not in fx.dims:
             raise ValueError(
                 f"output {options.output!r} is not available; the model has {list(fx.dims)}"
@@ -212,6 +235,7 @@ def _run_shards(
             else:
                 rows = torch.cat(emb).numpy() if emb else np.empty((0, dim), np.float32)
                 write_shard(
-                    out, k, ids, rows, errors, options.file_format, run_fingerprint, name=name
-                )
+                    out, k, ids, rows, errors, options.file_format, run_fingerprint,
+                    name=name, backend=fx.backend,
+                )  # fmt: skip
             ids, emb, errors = [], [], []

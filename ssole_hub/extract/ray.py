@@ -332,7 +332,7 @@ def _write_rows(
 
 
 def _shard_writer(
-    out: Path, source: InputSource, options: Options, run_fingerprint: str, dim: int
+    out: Path, source: InputSource, options: Options, run_fingerprint: str, fx: FeatureExtractor
 ) -> Callable[[int, _ShardRows], None]:
     """``write(k, rows)``: write shard ``k`` from its rows as they came from the actors (a failed
     one as failed; image files Ray's reader skipped as missing)."""
@@ -345,7 +345,12 @@ def _shard_writer(
         if isinstance(source, ImageFiles):
             shard.missing_files(source.ids(k))
         emb = np.stack(shard.rows) if shard.rows else np.empty((0, dim), np.float32)
-        write_shard(out, k, shard.ids, emb, shard.errors, file_format, run_fingerprint, name=name)
+        write_shard(
+            out, k, shard.ids, emb, shard.errors, file_format, run_fingerprint,
+            name=name, backend=fx.backend,
+        )  # fmt: skip
+
+    dim = fx.dims[options.output]
 
     return write
 
@@ -405,9 +410,10 @@ def extract_with_ray(
         actors = _resources(ray, num_gpus_per_worker, concurrency, num_cpus_per_worker)
         gpus = actors.gpus
         backend = "torch" if load["backend"] == "auto" and gpus > 0 else load["backend"]
-        load = {**load, "backend": backend}
-        driver_load = {**load, "dtype": "float32", "compile": False}
+        driver_load = {**load, "backend": backend, "dtype": "float32", "compile": False}
         fx = FeatureExtractor.from_pretrained(model, device="cpu", **driver_load)
+        # ``auto`` on CPU actors: timed once, here, so that every actor runs the same backend.
+        load = {**load, "backend": fx.backend}
         run_fingerprint = fingerprint(fx, options, source)
         shards = list(range(source.num_shards))
         pending = resumable_shards(out, shards, options, run_fingerprint, source)
@@ -415,8 +421,7 @@ def extract_with_ray(
             rows, locate = _embedded_rows(
                 ray, source, pending, model, options, load, actors, batch_size, progress
             )
-            dim = fx.dims[options.output]
-            write = _shard_writer(out, source, options, run_fingerprint, dim)
+            write = _shard_writer(out, source, options, run_fingerprint, fx)
             _write_rows(rows, locate, pending, write)
         header = manifest_header(
             fx,

@@ -113,6 +113,7 @@ def manifest_header(
         "dtype": "float32",
         "compute_dtype": str(fx.dtype).removeprefix("torch."),
         "backend": fx.backend,
+        "backend_timings": fx.backend_timings,
         "preprocessing": {**fx.data_config, "draft_size": fx.decode_options.get("draft_size")},
         "input": os.fspath(inputs) if isinstance(inputs, str | os.PathLike) else None,
         "input_kind": source.kind,

@@ -41,8 +41,8 @@ from ssole_hub.hub.folder import (
 from ssole_hub.models import SSOLEModel, SSOLEProjector
 from ssole_hub.runtimes.backends import (
     BACKEND_FILES,
-    BACKEND_PREFERENCE,
     EXPORT_COMMAND,
+    ONNX_BACKENDS,
     PRECISIONS,
     Backend,
 )
@@ -202,7 +202,7 @@ def _fetch_for(model: str | os.PathLike) -> Fetch | None:
 
 def guarded_backends(model: str | os.PathLike) -> list[Backend]:
     """The ONNX backends whose file ``model`` (a hub folder or ``hf-hub:`` repo) has and whose
-    fidelity check, recorded in ``ssole.json`` at export, passed; in :data:`BACKEND_PREFERENCE`
+    fidelity check, recorded in ``ssole.json`` at export, passed; in :data:`ONNX_BACKENDS`
     order. Empty for names, checkpoints, folders without ONNX files, and without OpenVINO."""
     fetch = _fetch_for(model)
     if fetch is None:
@@ -215,7 +215,7 @@ def guarded_backends(model: str | os.PathLike) -> list[Backend]:
     except FileNotFoundError:
         return []
     found: list[Backend] = []
-    for backend in BACKEND_PREFERENCE[:-1]:
+    for backend in ONNX_BACKENDS:
         figures = (record.get("backends") or {}).get(backend) or {}
         if not figures.get("passed"):
             continue

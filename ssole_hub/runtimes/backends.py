@@ -1,4 +1,4 @@
-"""The forward-pass backends and the order ``auto`` tries them in.
+"""The forward-pass backends, and how ``auto`` chooses one: by timing them where it runs.
 
 ``torch`` runs :class:`~ssole_hub.models.SSOLEModel` eagerly (:mod:`ssole_hub.runtimes.eager`);
 the ONNX backends run a hub folder's ONNX files on OpenVINO (:mod:`ssole_hub.runtimes.openvino`):
@@ -9,13 +9,17 @@ the ONNX backends run a hub folder's ONNX files on OpenVINO (:mod:`ssole_hub.run
 - ``onnx-int8``: ``onnx/model_int8.onnx``, its quantized layers in int8, the rest in float32.
 
 Each ONNX backend is checked against float32 torch at export (:mod:`ssole_hub.hub.onnx_export`)
-with the limits below; ``auto`` takes only backends that passed.
+with the limits below; ``auto`` times only backends that passed. Which backend is fastest depends
+on the CPU (int8 led bfloat16 on an AMD EPYC with AVX512-BF16, BENCHMARKS.md; AMX favours
+bfloat16), so ``auto`` measures on the machine it runs on (:func:`fastest_backend`) instead of
+following a fixed order.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Sequence
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -23,26 +27,27 @@ import torch
 __all__ = [
     "BACKENDS",
     "BACKEND_FILES",
-    "BACKEND_PREFERENCE",
     "EXPORT_COMMAND",
     "FIDELITY_LIMITS",
     "INPUT_NAME",
     "NEIGHBOUR_AGREEMENT_LIMIT",
+    "ONNX_BACKENDS",
     "ONNX_FILES",
     "PRECISIONS",
+    "TIMING_BATCH",
     "Backend",
-    "choose_backend",
+    "candidate_backends",
+    "fastest_backend",
 ]
-
-log = logging.getLogger("ssole_hub")
 
 Backend = Literal["torch", "onnx", "onnx-bf16", "onnx-int8"]
 """What runs the forward pass: eager torch, or OpenVINO on an ONNX file at one precision."""
 BACKENDS: tuple[str, ...] = ("torch", "onnx", "onnx-bf16", "onnx-int8", "auto")
-"""Every value ``backend=`` accepts; ``auto`` picks one (see :func:`choose_backend`)."""
-BACKEND_PREFERENCE: tuple[Backend, ...] = ("onnx-int8", "onnx-bf16", "onnx", "torch")
-"""The order ``auto`` tries on a CPU, fastest first, as measured by ``bench/backends.py`` on a
-2-core AVX512-BF16 CPU (BENCHMARKS.md)."""
+"""Every value ``backend=`` accepts; ``auto`` picks one (see :func:`candidate_backends`)."""
+ONNX_BACKENDS: tuple[Backend, ...] = ("onnx", "onnx-bf16", "onnx-int8")
+"""The OpenVINO backends, in the order they are listed and timed."""
+TIMING_BATCH = 8
+"""Images in the batch ``auto`` times each candidate backend on."""
 
 ONNX_FILES: dict[str, str] = {"onnx": "onnx/model.onnx", "onnx-int8": "onnx/model_int8.onnx"}
 """The ONNX files a hub folder may carry: float32 and static int8."""
@@ -65,16 +70,13 @@ EXPORT_COMMAND = "ssole-hub export --out FOLDER --onnx --calibration PHOTOS"
 """The command that writes a folder's ONNX files (``--calibration`` adds the int8 file)."""
 
 
-def choose_backend(
-    backend: str,
-    device: torch.device,
-    guarded: Callable[[], Sequence[Backend]] = tuple,
-    name: str = "the model",
-) -> Backend:
-    """Resolve ``backend`` on ``device``; ``"auto"`` means: torch off the CPU; on a CPU the first
-    backend of :data:`BACKEND_PREFERENCE` among ``guarded()`` (the ONNX backends whose file the
-    model has and that passed their check at export; called only then), else torch. Logs the
-    choice, naming the model ``name``.
+def candidate_backends(
+    backend: str, device: torch.device, guarded: Callable[[], Sequence[Backend]] = tuple
+) -> tuple[Backend, ...]:
+    """The backends ``backend`` may resolve to on ``device``: itself when named; for ``"auto"``,
+    torch off the CPU, and on a CPU every backend of ``guarded()`` (the ONNX backends whose file
+    the model has and that passed their check at export; called only then) and torch, to be
+    timed by :func:`fastest_backend`.
 
     Raises:
         ValueError: an unknown backend, or an ONNX backend on a non-CPU device.
@@ -83,9 +85,26 @@ def choose_backend(
         raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if backend == "auto":
         passed = set(guarded()) if device.type == "cpu" else set()
-        chosen = next(b for b in BACKEND_PREFERENCE if b in passed or b == "torch")
-        log.info("backend auto: using %s for %s on %s", chosen, name, device)
-        return chosen
+        return (*(b for b in ONNX_BACKENDS if b in passed), "torch")
     if backend != "torch" and device.type != "cpu":
         raise ValueError(f"backend {backend!r} runs on the CPU only, not on {device}")
-    return backend  # type: ignore[return-value]
+    return (backend,)  # type: ignore[return-value]
+
+
+def fastest_backend(
+    forward: Mapping[Backend, Callable[[], object]], images: int, rounds: int = 3
+) -> tuple[Backend, dict[str, float]]:
+    """Time each backend's ``forward()`` (one pass over the same batch of ``images``): one
+    untimed pass each, then ``rounds`` rounds that take every backend in turn, so that a burst of
+    other load on the machine falls on all of them. Returns the backend with the smallest median
+    and each one's median milliseconds per image."""
+    for run in forward.values():
+        run()
+    seconds: dict[Backend, list[float]] = {b: [] for b in forward}
+    for _ in range(rounds):
+        for backend, run in forward.items():
+            start = time.perf_counter()
+            run()
+            seconds[backend].append(time.perf_counter() - start)
+    ms = {b: round(1000 * statistics.median(s) / images, 3) for b, s in seconds.items()}
+    return min(ms, key=ms.__getitem__), ms

@@ -31,6 +31,7 @@ class GatedBackend:
         self.inner, self.gate, self.entered = inner, gate, threading.Event()
         self.dimensions, self.prepare, self.warmup = inner.dimensions, inner.prepare, inner.warmup
         self.backend_name = inner.backend_name
+        self.backend_timings = inner.backend_timings
 
     def infer(self, items, key):
         self.entered.set()
@@ -110,6 +111,7 @@ def test_the_forward_pass_uses_every_intra_op_thread_after_decoding(make_server,
                 inner.dimensions, inner.prepare, inner.warmup,
             )  # fmt: skip
             self.backend_name = inner.backend_name
+            self.backend_timings = inner.backend_timings
 
         def infer(self, items, key):
             seen.append(torch.get_num_threads())

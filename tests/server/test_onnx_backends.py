@@ -47,6 +47,16 @@ def test_models_shows_the_backend_in_use(onnx_server):
         card = c.get("/v1/models").json()["data"][0]
     assert card["backend"] == backend
     assert card["dimensions"] == {"backbone": 512, "projector": 32}
+    assert card["backend_timings"] == {}  # given, not chosen by timing
+
+
+def test_models_shows_what_auto_timed_and_serves_the_fastest(make_server, onnx_model_dir):
+    srv = make_server(model=f"local-dir:{onnx_model_dir}", backend="auto", max_batch_size=8)
+    with srv.client() as c:
+        card = c.get("/v1/models").json()["data"][0]
+    timings = card["backend_timings"]
+    assert set(timings) == {*BACKENDS, "torch"} and all(ms > 0 for ms in timings.values())
+    assert card["backend"] == min(timings, key=timings.get)
 
 
 @pytest.mark.parametrize("output", ["backbone", "projector"])

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import onnx
@@ -28,7 +30,7 @@ from ssole_hub.cli import main
 from ssole_hub.extract.output import MANIFEST_FILE
 from ssole_hub.hub.load import guarded_backends
 from ssole_hub.hub.onnx_export import OnnxFileRefusedWarning, neighbour_agreement
-from ssole_hub.runtimes.backends import BACKEND_PREFERENCE, FIDELITY_LIMITS, ONNX_FILES
+from ssole_hub.runtimes.backends import FIDELITY_LIMITS, ONNX_FILES, fastest_backend
 
 REPO = Path(__file__).resolve().parents[2]
 PX = 64
@@ -158,27 +160,56 @@ def test_vanilla_timm_ignores_the_onnx_files(onnx_folder, photos):
     torch.testing.assert_close(features, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_auto_takes_the_fastest_backend_that_passed(onnx_folder, plain_folder, tmp_path):
-    """The measured order (bench/backends.py), skipping a backend that missed its guard."""
+def test_auto_times_every_backend_that_passed_and_keeps_the_fastest(
+    onnx_folder, plain_folder, tmp_path, caplog
+):
+    """On the machine it runs on: every ONNX backend that passed its guard, and torch, are timed
+    on one batch; the fastest is kept, its figures logged and kept on the extractor. A backend
+    that missed its guard is never timed."""
 
-    def chosen(folder):
-        return FeatureExtractor.from_pretrained(folder, backend="auto", device="cpu").backend
+    def auto(folder):
+        with caplog.at_level(logging.INFO, logger="ssole_hub"):
+            return FeatureExtractor.from_pretrained(folder, backend="auto", device="cpu")
 
-    first, second = BACKEND_PREFERENCE[:2]
-    assert chosen(onnx_folder) == first
-    assert chosen(plain_folder) == "torch"
-    failed_first = _copy(onnx_folder, tmp_path / "failed")
-    ssole = json.loads((failed_first / "ssole.json").read_text())
-    ssole["onnx"]["backends"][first]["passed"] = False  # as if it had missed its guard
-    (failed_first / "ssole.json").write_text(json.dumps(ssole))
-    assert chosen(failed_first) == second
+    fx = auto(onnx_folder)
+    timed = [*guarded_backends(onnx_folder), "torch"]
+    assert len(timed) == 4 and list(fx.backend_timings) == timed
+    assert all(ms > 0 for ms in fx.backend_timings.values())
+    assert fx.backend == min(fx.backend_timings, key=fx.backend_timings.get)
+    assert f"backend auto: using {fx.backend} for {onnx_folder}" in caplog.text
+    assert f"{fx.backend} {fx.backend_timings[fx.backend]:g}" in caplog.text
+    plain = auto(plain_folder)  # no ONNX files: nothing to time
+    assert (plain.backend, plain.backend_timings) == ("torch", {})
+
+    failed = _copy(onnx_folder, tmp_path / "failed")
+    ssole = json.loads((failed / "ssole.json").read_text())
+    ssole["onnx"]["backends"]["onnx-int8"]["passed"] = False  # as if it had missed its guard
+    (failed / "ssole.json").write_text(json.dumps(ssole))
+    assert list(auto(failed).backend_timings) == ["onnx", "onnx-bf16", "torch"]
     float_only = _copy(onnx_folder, tmp_path)
     assert main(["export", "--out", str(float_only), "--onnx"]) == 0
     assert not (float_only / ONNX_FILES["onnx-int8"]).exists()
     record = json.loads((float_only / "ssole.json").read_text())["onnx"]
     assert record["guard_photos"] == {"source": "scikit-image", "count": 6}
-    float_backends = [b for b in BACKEND_PREFERENCE if b in ("onnx", "onnx-bf16")]
-    assert chosen(float_only) == float_backends[0]
+    assert "onnx-int8" not in auto(float_only).backend_timings
+
+
+def test_fastest_backend_takes_the_smallest_median_over_interleaved_rounds():
+    calls = []
+
+    def forward(name, seconds):
+        def run():
+            calls.append(name)
+            time.sleep(seconds)
+
+        return run
+
+    chosen, ms = fastest_backend(
+        {"torch": forward("torch", 0.03), "onnx-bf16": forward("onnx-bf16", 0.005)}, images=5
+    )
+    assert chosen == "onnx-bf16"
+    assert ms["torch"] == pytest.approx(6.0, rel=0.5) and ms["onnx-bf16"] < ms["torch"]
+    assert calls == ["torch", "onnx-bf16"] * 4  # one untimed pass each, then 3 rounds in turn
 
 
 def test_export_command_writes_folder_and_onnx_files_from_a_checkpoint(
@@ -360,15 +391,30 @@ def test_extract_with_int8_writes_the_rows_of_torch(onnx_folder, jpeg_dir, tmp_p
 def test_extract_defaults_to_auto_and_keeps_torch_for_torch_only_options(
     onnx_folder, jpeg_dir, tmp_path
 ):
-    """Like the server, extract takes the fastest backend that passed its export check unless
-    told otherwise; a dtype that only torch runs (bfloat16 on the CPU) keeps torch."""
+    """Like the server, extract times the backends that passed their export check and keeps the
+    fastest unless told otherwise (the manifest records the figures); a dtype that only torch
+    runs (bfloat16 on the CPU) keeps torch. A resumed run keeps the backend of its finished
+    shards instead of timing again."""
     chosen = {}
     for name, extra in [("default", []), ("bf16", ["--dtype", "bfloat16"])]:
         out = tmp_path / name
         argv = ["extract", "--model", str(onnx_folder), "--input", str(jpeg_dir), "--out", str(out)]
         assert main([*argv, "--workers", "0", "--no-progress", *extra]) == 0
-        chosen[name] = json.loads((out / MANIFEST_FILE).read_text())["backend"]
-    assert chosen == {"default": BACKEND_PREFERENCE[0], "bf16": "torch"}
+        manifest = json.loads((out / MANIFEST_FILE).read_text())
+        chosen[name] = manifest["backend"], manifest["backend_timings"]
+    backend, timings = chosen["default"]
+    assert backend == min(timings, key=timings.get) and len(timings) == 4
+    assert chosen["bf16"] == ("torch", {})
+
+    # Resuming: the finished shards' backend is kept, without timing the backends again.
+    out = tmp_path / "default"
+    (out / MANIFEST_FILE).unlink()
+    marker = out / "_shards" / "00000.json"
+    assert json.loads(marker.read_text())["backend"] == backend
+    argv = ["extract", "--model", str(onnx_folder), "--input", str(jpeg_dir), "--out", str(out)]
+    assert main([*argv, "--workers", "0", "--no-progress"]) == 0
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert (manifest["backend"], manifest["backend_timings"]) == (backend, {})
 
 
 def test_without_onnx_packages_import_works_and_auto_uses_torch(onnx_folder, zygote):
