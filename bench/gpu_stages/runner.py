@@ -32,22 +32,33 @@ def kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run_stage(stage: Stage, env: Mapping[str, str], logs: Path) -> dict[str, Any]:
-    """Run one stage within its time limit; returns its record (status ``ok``, ``failed`` or
-    ``timeout``, seconds, figures, checks, and the end of its output unless it went well)."""
-    log = logs / f"{stage.name}.log"
-    started = time.monotonic()
+def run_command(
+    command: list[str], env: Mapping[str, str], log: Path, timeout_s: float
+) -> tuple[str, int | None]:
+    """Run a stage's command from the repository root in a process group of its own, its output
+    in ``log``, within ``timeout_s``; then end whatever it left running. Returns its status
+    (``ok``, ``failed`` or ``timeout``) and exit status (None after a time-out)."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            stage.command, cwd=ROOT, env=env, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
         )  # fmt: skip
         try:
-            rc = proc.wait(timeout=stage.timeout_s)
+            rc = proc.wait(timeout=timeout_s)
             status = "ok" if rc == 0 else "failed"
         except subprocess.TimeoutExpired:
             rc, status = None, "timeout"
         kill_group(proc)
+    return status, rc
+
+
+def run_stage(stage: Stage, env: Mapping[str, str], logs: Path) -> dict[str, Any]:
+    """Run one stage within its time limit (:func:`run_command`); returns its record (status
+    ``ok``, ``failed`` or ``timeout``, seconds, figures, checks, and the end of its output unless
+    it went well)."""
+    log = logs / f"{stage.name}.log"
+    started = time.monotonic()
+    status, rc = run_command(stage.command, env, log, stage.timeout_s)
     record: dict[str, Any] = {
         "name": stage.name, "what": stage.what, "status": status, "returncode": rc,
         "seconds": round(time.monotonic() - started, 1), "timeout_s": round(stage.timeout_s),

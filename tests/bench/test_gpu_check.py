@@ -34,19 +34,44 @@ stage_types = importlib.import_module("bench.gpu_stages.stage")
 wheels = importlib.import_module("bench.gpu_stages.wheels")
 
 
+def _in_zygote(zygote):
+    """:func:`runner.run_command` with the stage's command run by a child of the zygote
+    (``tests/zygote.py``): the same program and arguments, without a new interpreter's imports of
+    torch. Servers and torchrun's workers that a stage starts are still new processes."""
+
+    def run_command(command, env, log, timeout_s):
+        _, first, *rest = command
+        kind, target, args = (
+            ("module", rest[0], rest[1:]) if first == "-m" else ("script", first, rest)
+        )
+        try:
+            done = zygote.run(kind, target, args, runner.ROOT, dict(env), timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return "timeout", None
+        log.write_text(done.stdout + done.stderr)
+        return ("ok" if done.returncode == 0 else "failed"), done.returncode
+
+    return run_command
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not FASHION_MNIST.is_dir(), reason="dataset-fashion-mnist not installed")
-def test_dry_run_runs_every_stage_and_records_status_figures_and_targets(tmp_path):
+def test_dry_run_runs_every_stage_and_records_status_figures_and_targets(
+    tmp_path, monkeypatch, capsys, zygote
+):
+    """The whole check in this process, each stage's command in a child of the zygote (the
+    stage runner's own process handling is tested below)."""
     out = tmp_path / "gpu_check.json"
-    cmd = [
-        sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry-run",
-        "--fashion-mnist", str(FASHION_MNIST), "--work-dir", str(tmp_path / "work"),
+    argv = [
+        "--dry-run", "--fashion-mnist", str(FASHION_MNIST), "--work-dir", str(tmp_path / "work"),
         "--out", str(out),
     ]  # fmt: skip
+    monkeypatch.setattr(runner, "run_command", _in_zygote(zygote))
     started = time.monotonic()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    code = gpu_check.main(argv)
     seconds = time.monotonic() - started
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    printed = capsys.readouterr().out
+    assert code == 0, printed[-3000:]
 
     report = json.loads(out.read_text())
     assert report["dry_run"] is True
@@ -74,7 +99,7 @@ def test_dry_run_runs_every_stage_and_records_status_figures_and_targets(tmp_pat
     assert quality["epochs"] >= 1 and quality["calibration"]["images_per_s"] > 0
     assert {"README.md", "config.json", "model.safetensors"} <= set(quality["hub_folder"])
     assert 0 <= quality["ssole_knn_top1"] <= 100
-    assert "| stage | status | s | check | target | measured | met |" in done.stdout
+    assert "| stage | status | s | check | target | measured | met |" in printed
 
 
 def _stage(name: str, code: str, timeout_s: float = 60) -> object:

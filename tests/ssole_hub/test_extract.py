@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -193,15 +191,15 @@ def test_a_killed_run_resumes_skipping_finished_shards(
 
 
 @pytest.mark.slow
-def test_two_rank_torchrun_equals_one_process(clean_run, hub_folder, image_dir, tmp_path):
+def test_two_rank_torchrun_equals_one_process(clean_run, hub_folder, image_dir, tmp_path, zygote):
+    """torchrun (its launcher a child of the zygote, ``tests/zygote.py``) starts two new ranks."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    cmd += ["--standalone", "-m", "ssole_hub", "extract", "--model", str(hub_folder)]
-    cmd += ["--input", str(image_dir), "--out", str(out), "--batch-size", "2", "--shard-size"]
-    cmd += ["4", "--workers", "1", "--no-progress"]
+    args = ["--nproc_per_node", "2", "--standalone", "-m", "ssole_hub", "extract", "--model"]
+    args += [str(hub_folder), "--input", str(image_dir), "--out", str(out), "--batch-size", "2"]
+    args += ["--shard-size", "4", "--workers", "1", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    proc = zygote.run("module", "torch.distributed.run", args, REPO, env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["world_size"] == 2
     assert manifest["num_errors"] == 3
@@ -216,25 +214,30 @@ def test_two_rank_torchrun_equals_one_process(clean_run, hub_folder, image_dir, 
 
 @pytest.mark.slow
 def test_two_rank_torchrun_resumes_after_unreadable_tars_are_fixed_or_dropped(
-    hub_folder, tars_with_bad_ones, same_extraction, tmp_path
+    hub_folder, tars_with_bad_ones, same_extraction, tmp_path, zygote
 ):
-    """Under torchrun, finished shards that change position are moved once (by rank 0, between
-    barriers that every rank reaches) before the ranks take their shards."""
+    """Under torchrun (its launcher a child of the zygote), finished shards that change position
+    are moved once (by rank 0, between barriers that every rank reaches) before the ranks take
+    their shards."""
     tars = tars_with_bad_ones
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
-    cmd += ["-m", "ssole_hub", "extract", "--model", str(hub_folder), "--out", str(out)]
-    cmd += ["--batch-size", "2", "--workers", "0", "--no-progress", "--input"]
+    args = ["--nproc_per_node", "2", "--standalone", "-m", "ssole_hub", "extract", "--model"]
+    args += [str(hub_folder), "--out", str(out), "--batch-size", "2", "--workers", "0"]
+    args += ["--no-progress", "--input"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*cmd, *tars.first], cwd=REPO, capture_output=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+
+    def torchrun(inputs):
+        return zygote.run("module", "torch.distributed.run", [*args, *inputs], REPO, env, 300)
+
+    proc = torchrun(tars.first)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["failed_inputs"] == [p for p in tars.first if p in tars.bad]
 
     tars.fix()
-    proc = subprocess.run([*cmd, *tars.second], cwd=REPO, capture_output=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    assert proc.stderr.decode().count("2 finished shard(s) moved") == 1  # rank 0 only
+    proc = torchrun(tars.second)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("2 finished shard(s) moved") == 1  # rank 0 only
     reference = tmp_path / "reference"
     extract_dataset(hub_folder, tars.second, reference, batch_size=2, num_workers=0,
                     progress=False)  # fmt: skip

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -132,10 +130,11 @@ def test_command_line_rejects_a_bad_override_before_training(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_process_torchrun_on_cpu_trains_and_writes_one_checkpoint(tmp_path):
+def test_two_process_torchrun_on_cpu_trains_and_writes_one_checkpoint(tmp_path, zygote):
+    """torchrun (its launcher a child of the zygote, ``tests/zygote.py``) starts two new ranks."""
     out = tmp_path / "runs"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training.pretrain",
+    args = [
+        "--standalone", "--nproc_per_node", "2", "-m", "training.pretrain",
         "--config", str(REPO / "training" / "configs" / "digits_demo.yaml"),
         f"output_dir={out}", "run_name=ddp", "device=cpu", "max_steps=3",
         "data.batch_size=8", "data.num_workers=0", "views.num_views=2", "views.size=16",
@@ -143,7 +142,7 @@ def test_two_process_torchrun_on_cpu_trains_and_writes_one_checkpoint(tmp_path):
         "knn.at_start=false", "log_every_steps=1",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = zygote.run("module", "torch.distributed.run", args, REPO, env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpts = sorted((out / "ddp" / "checkpoints").glob("*.pt"))
     assert [p.name for p in ckpts] == ["step_00000003.pt"]
