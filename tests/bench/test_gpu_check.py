@@ -75,7 +75,7 @@ def test_dry_run_runs_every_stage_and_records_status_figures_and_targets(
 
     report = json.loads(out.read_text())
     assert report["dry_run"] is True
-    assert report["wall_s"] <= seconds
+    assert report["wall_s"] <= round(seconds, 1) + 0.1  # its clock starts inside ours; rounded
     stages = {s["name"]: s for s in report["stages"]}
     assert list(stages) == list(gpu_check.STAGES)
     for name, stage in stages.items():
