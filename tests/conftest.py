@@ -71,15 +71,15 @@ def photo_jpegs(photos) -> list[bytes]:
 # a long module handed out last keeps one worker busy while the other waits.
 LONGEST_FIRST = (
     "test_readme.py",
-    "test_extract_ray.py",
     "test_gpu_check.py",
-    "test_extract.py",
+    "test_extract_ray.py",
     "test_hub_remote.py",
-    "test_onnx.py",
-    "test_demo.py",
-    "test_pretrain.py",
+    "test_extract.py",
     "test_quality_bench.py",
     "test_run_directory.py",
+    "test_demo.py",
+    "test_onnx.py",
+    "test_pretrain.py",
 )
 
 
