@@ -336,6 +336,7 @@ def _shard_writer(
 ) -> Callable[[int, _ShardRows], None]:
     """``write(k, rows)``: write shard ``k`` from its rows as they came from the actors (a failed
     one as failed; image files Ray's reader skipped as missing)."""
+    dim = fx.dims[options.output]
 
     def write(k: int, shard: _ShardRows) -> None:
         name, file_format = source.shard_names[k], options.file_format
@@ -349,8 +350,6 @@ def _shard_writer(
             out, k, shard.ids, emb, shard.errors, file_format, run_fingerprint,
             name=name, backend=fx.backend,
         )  # fmt: skip
-
-    dim = fx.dims[options.output]
 
     return write
 
