@@ -208,7 +208,7 @@ def test_fastest_backend_takes_the_smallest_median_over_interleaved_rounds():
         {"torch": forward("torch", 0.03), "onnx-bf16": forward("onnx-bf16", 0.005)}, images=5
     )
     assert chosen == "onnx-bf16"
-    assert ms["torch"] == pytest.approx(6.0, rel=0.5) and ms["onnx-bf16"] < ms["torch"]
+    assert 6.0 <= ms["torch"] < 20 and ms["onnx-bf16"] < ms["torch"]  # 30 ms for 5 images
     assert calls == ["torch", "onnx-bf16"] * 4  # one untimed pass each, then 3 rounds in turn
 
 
