@@ -10,8 +10,8 @@ the ONNX backends run a hub folder's ONNX files on OpenVINO (:mod:`ssole_hub.run
 
 Each ONNX backend is checked against float32 torch at export (:mod:`ssole_hub.hub.onnx_export`)
 with the limits below; ``auto`` times only backends that passed. Which backend is fastest depends
-on the CPU (int8 led bfloat16 on an AMD EPYC with AVX512-BF16, BENCHMARKS.md; AMX favours
-bfloat16), so ``auto`` measures on the machine it runs on (:func:`fastest_backend`) instead of
+on the CPU (int8 led bfloat16 on an AMD EPYC with AVX512-BF16, BENCHMARKS.md; other CPUs may
+rank them otherwise), so ``auto`` measures on the machine it runs on (:func:`fastest_backend`) instead of
 following a fixed order.
 """
 
@@ -44,8 +44,6 @@ Backend = Literal["torch", "onnx", "onnx-bf16", "onnx-int8"]
 """What runs the forward pass: eager torch, or OpenVINO on an ONNX file at one precision."""
 BACKENDS: tuple[str, ...] = ("torch", "onnx", "onnx-bf16", "onnx-int8", "auto")
 """Every value ``backend=`` accepts; ``auto`` picks one (see :func:`candidate_backends`)."""
-ONNX_BACKENDS: tuple[Backend, ...] = ("onnx", "onnx-bf16", "onnx-int8")
-"""The OpenVINO backends, in the order they are listed and timed."""
 TIMING_BATCH = 8
 """Images in the batch ``auto`` times each candidate backend on."""
 
@@ -57,6 +55,8 @@ BACKEND_FILES: dict[str, str] = {
     "onnx-int8": ONNX_FILES["onnx-int8"],
 }
 """The file each ONNX backend runs."""
+ONNX_BACKENDS: tuple[Backend, ...] = tuple(BACKEND_FILES)  # type: ignore[assignment]
+"""The OpenVINO backends, in the order they are listed and timed."""
 PRECISIONS: dict[str, str] = {"onnx": "f32", "onnx-bf16": "bf16", "onnx-int8": "f32"}
 """OpenVINO's inference precision hint per backend (int8 layers stay int8 under ``f32``)."""
 FIDELITY_LIMITS: dict[str, float] = {"onnx": 0.9999, "onnx-bf16": 0.999, "onnx-int8": 0.99}
