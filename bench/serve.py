@@ -112,11 +112,11 @@ def cpu_seconds(pid: int) -> float:
 class OfflineBound:
     """The offline FeatureExtractor on the same images: what serving cannot beat."""
 
-    def __init__(self, model: str, device: str, batch_size: int) -> None:
+    def __init__(self, model: str, device: str, batch_size: int, backend: str = "torch") -> None:
         from ssole_hub.extractor import FeatureExtractor
 
         self.fx = FeatureExtractor.from_pretrained(
-            model, device=None if device == "auto" else device
+            model, device=None if device == "auto" else device, backend=backend
         )
         self.batch_size = batch_size
         self.fx.warmup(batch_size)
@@ -135,6 +135,87 @@ class OfflineBound:
         t0 = time.perf_counter()
         self.fx.embed_tensor(batch)
         return time.perf_counter() - t0
+
+
+# --- where an image's CPU goes ----------------------------------------------------------------
+
+STAGES = ("parse", "decode", "preprocess", "forward", "encode")
+"""The stages of serving one image, in order (:func:`stage_profile`)."""
+
+
+def _thread_ms(fn, items: list, repeats: int) -> float:
+    """Median over ``repeats`` of the CPU milliseconds this thread spends per item in
+    ``fn(item)`` (one thread: what a decode thread pays)."""
+    per_item = []
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        for item in items:
+            fn(item)
+        per_item.append((time.thread_time() - t0) * 1000 / len(items))
+    return statistics.median(per_item)
+
+
+def stage_profile(fx, bodies: list[bytes], batch_size: int, repeats: int = 3) -> dict[str, float]:
+    """CPU milliseconds per image of each of :data:`STAGES`, through the server's own code:
+
+    - ``parse``: the request body to image bytes (``EmbeddingRequest`` from the JSON body, then
+      ``server.inputs.base64_image``);
+    - ``decode``: the bytes to an RGB image (``FeatureExtractor.load_image``: the decoder with
+      the extractor's options, e.g. a reduced DCT scale);
+    - ``preprocess``: resize, crop and normalise (the model's eval transform);
+    - ``forward``: one batch of ``batch_size`` through ``embed_tensor``, the process's CPU over
+      all threads divided by the batch (the forward pass is the multi-threaded stage);
+    - ``encode``: one vector to the response body (``server.outputs.embeddings_body``).
+
+    The single-threaded stages run where the server runs them, in a thread with one torch
+    thread (a decode thread), and are timed with that thread's CPU clock. Medians over
+    ``repeats``.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from server.inputs import base64_image
+    from server.outputs import embeddings_body
+    from server.schemas import EmbeddingRequest
+    from server.service import use_intra_op_threads
+
+    def parse(body: bytes) -> bytes:
+        text = EmbeddingRequest.model_validate_json(body).input[0]
+        return base64_image(text, "input[0]", fx.decode_options["max_bytes"])
+
+    def single_threaded() -> dict[str, float]:
+        encoded = [parse(b) for b in bodies]
+        decoded = [fx.load_image(e) for e in encoded]
+        vector = np.random.default_rng(0).standard_normal(max(fx.dims.values()))
+        vectors = [[(vector / np.linalg.norm(vector)).astype(np.float32)]] * 32
+        return {
+            "parse": _thread_ms(parse, bodies, repeats),
+            "decode": _thread_ms(fx.load_image, encoded, repeats),
+            "preprocess": _thread_ms(fx.transform, decoded, repeats),
+            "encode": _thread_ms(lambda v: embeddings_body(v, "m", "float"), vectors, repeats),
+            "images": [fx.transform(decoded[i % len(decoded)]) for i in range(batch_size)],
+        }
+
+    with ThreadPoolExecutor(1, initializer=use_intra_op_threads, initargs=(1,)) as pool:
+        profile = pool.submit(single_threaded).result()
+    batch = torch.stack(profile.pop("images"))
+    forward = []
+    for _ in range(repeats):
+        cpu0 = cpu_seconds(os.getpid())
+        fx.embed_tensor(batch)
+        forward.append((cpu_seconds(os.getpid()) - cpu0) * 1000 / batch_size)
+    return {stage: profile.get(stage, statistics.median(forward)) for stage in STAGES}
+
+
+def print_profile(profile: dict[str, float]) -> None:
+    """The stage profile as a Markdown table, with the limit it sets (images per CPU-s)."""
+    total = sum(profile.values())
+    print("| stage | CPU ms per image | share |")
+    print("| --- | ---: | ---: |")
+    for stage in STAGES:
+        print(f"| {stage} | {profile[stage]:.2f} | {profile[stage] / total:.0%} |")
+    print(f"| total | {total:.2f} | limit {1000 / total:.1f} images per CPU-s |")
 
 
 # --- the naive endpoint ---------------------------------------------------------------------
@@ -177,11 +258,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(cmd: list[str], port: int, timeout_s: float = 300) -> subprocess.Popen:
-    """Start a server process and wait until its /ready answers 200."""
+def start(cmd: list[str], port: int, cwd: Path = REPO, timeout_s: float = 300) -> subprocess.Popen:
+    """Start a server process in ``cwd`` and wait until its /ready answers 200."""
     import httpx
 
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -324,8 +405,11 @@ def median_of(runs: list[dict]) -> dict:
 
 # --- main -----------------------------------------------------------------------------------
 
+BACKENDS = ("auto", "torch", "onnx", "onnx-bf16", "onnx-int8")
 
-def main(argv: list[str] | None = None) -> int:
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, with the server's own batching defaults filled in."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model spec (default: random ssole_resnet18)")
     p.add_argument("--input-px", type=int, default=224, help="input size of the default model")
@@ -341,19 +425,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-threads", type=int, default=None)
     p.add_argument(
         "--backend",
-        default="torch",
-        choices=["torch", "onnx", "onnx-bf16", "onnx-int8"],
-        help="the server's forward pass; the default model gets its ONNX files exported first "
-        "(int8 calibrated on the benchmark's photos). The bound and the naive endpoint stay "
-        "torch, and a second server on torch is measured in the same rounds (server / torch "
-        "server)",
+        default="auto",
+        choices=BACKENDS,
+        help="the server's and the bound's forward pass (default: the server's default, auto). "
+        "On a CPU the default model gets its ONNX files exported first (int8 calibrated on the "
+        "benchmark's photos); the naive endpoint stays torch, and for another backend than "
+        "torch a second server on torch is measured in the same rounds (server / torch server)",
+    )
+    p.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="also serve the same model and settings with the server of another checkout (e.g. "
+        "a git worktree of main), in the same rounds: server / NAME; repeatable",
     )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--requests", type=int, default=128, help="requests per level (at least 8x c)")
-    p.add_argument("--repeats", type=int, default=3, help="repeats of the offline bound")
+    p.add_argument("--repeats", type=int, default=3, help="rounds (bound, profile, levels)")
+    p.add_argument(
+        "--profile-only", action="store_true", help="print the stage profile only; no servers"
+    )
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "serve.json"))
     p.add_argument("--naive-server", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    for spec in args.baseline:
+        name, _, folder = spec.partition("=")
+        if not name or not Path(folder, "server", "__main__.py").is_file():
+            p.error(f"--baseline {spec!r}: give NAME=DIR, DIR a checkout with server/__main__.py")
     from server.settings import ServerSettings
 
     defaults = ServerSettings(model="unused")
@@ -363,17 +462,166 @@ def main(argv: list[str] | None = None) -> int:
         args.max_wait_ms = defaults.max_batch_wait_ms
     if args.decode_threads is None:
         args.decode_threads = defaults.decode_threads
+    return args
 
+
+def server_command(args: argparse.Namespace, model: str, port: int, backend: str) -> list[str]:
+    """``python -m server`` with the benchmark's settings."""
+    return [
+        sys.executable, "-m", "server", "--model", model, "--port", str(port),
+        "--device", args.device, "--max-batch-size", str(args.batch_size),
+        "--max-batch-wait-ms", str(args.max_wait_ms), "--max-queue", "1024",
+        "--decode-threads", str(args.decode_threads), "--log-level", "warning",
+        "--backend", backend,
+    ]  # fmt: skip
+
+
+def start_servers(
+    args: argparse.Namespace, model: str, procs: list[subprocess.Popen]
+) -> dict[str, tuple[str, int]]:
+    """Start every server measured (appending each process to ``procs``); returns name ->
+    (URL, pid): ``server``, ``naive``, ``torch_server`` (for another backend than torch) and
+    ``baseline_<NAME>`` per ``--baseline``."""
+    naive_port = free_port()
+    plan: dict[str, tuple[list[str], int, Path]] = {}
+    port = free_port()
+    plan["server"] = (server_command(args, model, port, args.backend), port, REPO)
+    plan["naive"] = (
+        [sys.executable, str(Path(__file__).resolve()), "--naive-server", str(naive_port),
+         "--model", model, "--device", args.device],
+        naive_port, REPO,
+    )  # fmt: skip
+    if args.backend != "torch":
+        port = free_port()
+        plan["torch_server"] = (server_command(args, model, port, "torch"), port, REPO)
+    for spec in args.baseline:
+        name, _, folder = spec.partition("=")
+        port = free_port()
+        plan[f"baseline_{name}"] = (server_command(args, model, port, args.backend), port,
+                                    Path(folder).resolve())  # fmt: skip
+    urls = {}
+    for name, (cmd, port, cwd) in plan.items():
+        procs.append(start(cmd, port, cwd))
+        urls[name] = (f"http://127.0.0.1:{port}", procs[-1].pid)
+    return urls
+
+
+def measure_rounds(
+    args: argparse.Namespace,
+    offline: OfflineBound,
+    urls: dict[str, tuple[str, int]],
+    images: list[bytes],
+    bodies: list[bytes],
+) -> dict:
+    """Interleaved rounds: the bound, the stage profile and every server at every level see
+    the same background load. Returns the raw measurements."""
+    raw: dict = {"bounds": [], "batch_times": [], "profiles": [],
+                 "runs": {k: {c: [] for c in args.concurrency} for k in urls}}  # fmt: skip
+    for rep in range(args.repeats):
+        raw["bounds"].append(offline.measure(images))
+        raw["batch_times"].append(offline.full_batch_s(images))
+        raw["profiles"].append(stage_profile(offline.fx, bodies, args.batch_size))
+        bound = raw["bounds"][-1]
+        print(
+            f"round {rep + 1}/{args.repeats}: bound {bound['images_per_s']:.1f} img/s "
+            f"({bound['images_per_cpu_s']:.2f} img/CPU-s), full batch "
+            f"{raw['batch_times'][-1] * 1000:.0f} ms",
+            flush=True,
+        )
+        for c in args.concurrency:
+            for name, (url, pid) in urls.items():
+                r = run_level(url, pid, bodies, c, args.requests)
+                raw["runs"][name][c].append(r)
+                print(
+                    f"  {name:<14} c={c:<3} {r['images_per_s']:7.1f} img/s  "
+                    f"{r['images_per_cpu_s']:5.2f} img/CPU-s  p50 {r['p50_ms']:7.1f} ms  "
+                    f"p99 {r['p99_ms']:7.1f} ms  errors {sum(r['errors'].values())}",
+                    flush=True,
+                )
+    return raw
+
+
+def level_rows(results: dict[str, list[dict]], bound: float, bound_cpu: float,
+               batch_s: float) -> list[dict]:  # fmt: skip
+    """One row per concurrency: the server against the bound, the naive endpoint and every
+    other server measured (``server_vs_<name>``, wall and per CPU-s)."""
+    rows = []
+    others = [name for name in results if name not in ("server", "naive")]
+    for i, srv in enumerate(results["server"]):
+        naive = results["naive"][i]
+        row = {
+            "concurrency": srv["concurrency"],
+            "server_images_per_s": srv["images_per_s"],
+            "naive_images_per_s": naive["images_per_s"],
+            "server_vs_bound": srv["images_per_s"] / bound,
+            "server_vs_naive": srv["images_per_s"] / naive["images_per_s"],
+            "server_images_per_cpu_s": srv["images_per_cpu_s"],
+            "naive_images_per_cpu_s": naive["images_per_cpu_s"],
+            "server_vs_bound_per_cpu_s": srv["images_per_cpu_s"] / bound_cpu,
+            "server_vs_naive_per_cpu_s": srv["images_per_cpu_s"] / naive["images_per_cpu_s"],
+            "server_busy_cores": srv["images_per_s"] / srv["images_per_cpu_s"],
+            "naive_busy_cores": naive["images_per_s"] / naive["images_per_cpu_s"],
+            "server_machine_busy_cores": srv["machine_busy_cores"],
+            "server_load_generator_cores": srv["load_generator_cores"],
+            "server_p50_ms": srv["p50_ms"],
+            "server_p99_ms": srv["p99_ms"],
+            "naive_p50_ms": naive["p50_ms"],
+            "naive_p99_ms": naive["p99_ms"],
+            "p99_over_full_batch": srv["p99_ms"] / (batch_s * 1000),
+            "requests": srv["requests"],
+            "server_errors": srv["errors"],
+            "naive_errors": naive["errors"],
+        }
+        for name in others:
+            other = results[name][i]
+            row[f"{name}_images_per_s"] = other["images_per_s"]
+            row[f"{name}_images_per_cpu_s"] = other["images_per_cpu_s"]
+            row[f"server_vs_{name}"] = srv["images_per_s"] / other["images_per_s"]
+            row[f"server_vs_{name}_per_cpu_s"] = srv["images_per_cpu_s"] / other["images_per_cpu_s"]
+        rows.append(row)
+    return rows
+
+
+def print_levels(rows: list[dict], others: list[str]) -> None:
+    """The levels as a Markdown table, then each comparison with another server."""
+    print(
+        "| c | server img/s | / bound | naive img/s | server / naive | server img/CPU-s "
+        "| / bound (CPU) | naive img/CPU-s | server / naive (CPU) | server busy cores "
+        "| machine busy cores | load generator cores | server p50 ms | server p99 ms "
+        "| p99 / full batch | naive p99 ms |"
+    )
+    print("| ---: " * 16 + "|")
+    for r in rows:
+        print(
+            f"| {r['concurrency']} | {r['server_images_per_s']:.1f} | {r['server_vs_bound']:.2f} "
+            f"| {r['naive_images_per_s']:.1f} | {r['server_vs_naive']:.2f} "
+            f"| {r['server_images_per_cpu_s']:.2f} | {r['server_vs_bound_per_cpu_s']:.2f} "
+            f"| {r['naive_images_per_cpu_s']:.2f} | {r['server_vs_naive_per_cpu_s']:.2f} "
+            f"| {r['server_busy_cores']:.2f} | {r['server_machine_busy_cores']:.2f} "
+            f"| {r['server_load_generator_cores']:.2f} | {r['server_p50_ms']:.0f} "
+            f"| {r['server_p99_ms']:.0f} | {r['p99_over_full_batch']:.2f} "
+            f"| {r['naive_p99_ms']:.0f} |"
+        )
+    for name in others:
+        print(f"\nserver / {name}:")
+        print("| c | server img/CPU-s | " + name + " img/CPU-s | ratio (CPU) | ratio (wall) |")
+        print("| ---: | ---: | ---: | ---: | ---: |")
+        for r in rows:
+            print(
+                f"| {r['concurrency']} | {r['server_images_per_cpu_s']:.2f} "
+                f"| {r[f'{name}_images_per_cpu_s']:.2f} | {r[f'server_vs_{name}_per_cpu_s']:.2f} "
+                f"| {r[f'server_vs_{name}']:.2f} |"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns the exit status."""
+    args = parse_args(argv)
     if args.naive_server is not None:  # child process: serve the naive endpoint
         import uvicorn
 
-        uvicorn.run(
-            naive_app(args.model, args.device),
-            host="127.0.0.1",
-            port=args.naive_server,
-            log_level="warning",
-            timeout_keep_alive=65,
-        )
+        uvicorn.run(naive_app(args.model, args.device), host="127.0.0.1",
+                    port=args.naive_server, log_level="warning", timeout_keep_alive=65)  # fmt: skip
         return 0
 
     machine = machine_record()
@@ -383,144 +631,45 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps({"input": ["data:image/jpeg;base64," + base64.b64encode(j).decode()]}).encode()
         for j in jpegs
     ]
+    procs: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or random_model_folder(Path(tmp), args.input_px, args.arch)
-        if args.backend != "torch" and args.model is None:
+        if args.backend != "torch" and args.model is None and args.device == "cpu":
             export_onnx_files(model, jpegs, Path(tmp))
         images = [jpegs[i % len(jpegs)] for i in range(args.batch_size * 4)]
-        offline = OfflineBound(model, args.device, args.batch_size)
-        server_port, naive_port = free_port(), free_port()
-        server_cmd = [
-            sys.executable, "-m", "server", "--model", model, "--port", str(server_port),
-            "--device", args.device, "--max-batch-size", str(args.batch_size),
-            "--max-batch-wait-ms", str(args.max_wait_ms), "--max-queue", "1024",
-            "--decode-threads", str(args.decode_threads), "--log-level", "warning",
-            "--backend", args.backend,
-        ]  # fmt: skip
-        naive_cmd = [
-            sys.executable, str(Path(__file__).resolve()), "--naive-server", str(naive_port),
-            "--model", model, "--device", args.device,
-        ]  # fmt: skip
-        procs = [start(server_cmd, server_port), start(naive_cmd, naive_port)]
-        urls = {
-            "server": (f"http://127.0.0.1:{server_port}", procs[0].pid),
-            "naive": (f"http://127.0.0.1:{naive_port}", procs[1].pid),
-        }
-        if args.backend != "torch":  # the same server on torch, in the same rounds
-            torch_port = free_port()
-            torch_cmd = [*server_cmd[:-1], "torch"]
-            torch_cmd[torch_cmd.index("--port") + 1] = str(torch_port)
-            procs.append(start(torch_cmd, torch_port))
-            urls["torch"] = (f"http://127.0.0.1:{torch_port}", procs[-1].pid)
-        bounds, batch_times = [], []
-        runs: dict[str, dict[int, list[dict]]] = {
-            k: {c: [] for c in args.concurrency} for k in urls
-        }
+        offline = OfflineBound(model, args.device, args.batch_size, args.backend)
+        if args.profile_only:
+            profiles = [stage_profile(offline.fx, bodies, args.batch_size)
+                        for _ in range(args.repeats)]  # fmt: skip
+            print(f"backend {offline.fx.backend} {offline.fx.backend_timings or ''}; reduced "
+                  f"decoding guard {offline.fx.decode_check}")  # fmt: skip
+            print_profile({k: statistics.median(p[k] for p in profiles) for k in STAGES})
+            return 0
         try:
-            # Interleaved rounds: the bound and both servers see the same background load.
-            for rep in range(args.repeats):
-                bounds.append(offline.measure(images))
-                batch_times.append(offline.full_batch_s(images))
-                print(
-                    f"round {rep + 1}/{args.repeats}: bound {bounds[-1]['images_per_s']:.1f} "
-                    f"img/s ({bounds[-1]['images_per_cpu_s']:.2f} img/CPU-s), full batch "
-                    f"{batch_times[-1] * 1000:.0f} ms",
-                    flush=True,
-                )
-                for c in args.concurrency:
-                    for name, (url, pid) in urls.items():
-                        r = run_level(url, pid, bodies, c, args.requests)
-                        runs[name][c].append(r)
-                        print(
-                            f"  {name:<6} c={c:<3} {r['images_per_s']:7.1f} img/s  "
-                            f"{r['images_per_cpu_s']:5.2f} img/CPU-s  "
-                            f"p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
-                            f"errors {sum(r['errors'].values())}",
-                            flush=True,
-                        )
+            urls = start_servers(args, model, procs)
+            raw = measure_rounds(args, offline, urls, images, bodies)
         finally:
             for proc in procs:
                 stop(proc)
-    bound = statistics.median(b["images_per_s"] for b in bounds)
-    bound_cpu = statistics.median(b["images_per_cpu_s"] for b in bounds)
-    batch_s = statistics.median(batch_times)
+    bound = statistics.median(b["images_per_s"] for b in raw["bounds"])
+    bound_cpu = statistics.median(b["images_per_cpu_s"] for b in raw["bounds"])
+    batch_s = statistics.median(raw["batch_times"])
+    profile = {k: statistics.median(p[k] for p in raw["profiles"]) for k in STAGES}
     results = {
-        name: [median_of(runs[name][c]) | {"concurrency": c} for c in args.concurrency]
-        for name in urls
+        name: [median_of(levels[c]) | {"concurrency": c} for c in args.concurrency]
+        for name, levels in raw["runs"].items()
     }
-
-    rows = []
-    torch_levels = results.get("torch") or [None] * len(results["server"])
-    for srv, naive, on_torch in zip(results["server"], results["naive"], torch_levels, strict=True):
-        vs_torch = {}
-        if on_torch is not None:
-            vs_torch = {
-                "torch_server_images_per_s": on_torch["images_per_s"],
-                "server_vs_torch_server": srv["images_per_s"] / on_torch["images_per_s"],
-                "server_vs_torch_server_per_cpu_s": srv["images_per_cpu_s"]
-                / on_torch["images_per_cpu_s"],
-            }
-        rows.append(
-            vs_torch
-            | {
-                "concurrency": srv["concurrency"],
-                "server_images_per_s": srv["images_per_s"],
-                "naive_images_per_s": naive["images_per_s"],
-                "server_vs_bound": srv["images_per_s"] / bound,
-                "server_vs_naive": srv["images_per_s"] / naive["images_per_s"],
-                "server_images_per_cpu_s": srv["images_per_cpu_s"],
-                "naive_images_per_cpu_s": naive["images_per_cpu_s"],
-                "server_vs_bound_per_cpu_s": srv["images_per_cpu_s"] / bound_cpu,
-                "server_vs_naive_per_cpu_s": srv["images_per_cpu_s"] / naive["images_per_cpu_s"],
-                "server_busy_cores": srv["images_per_s"] / srv["images_per_cpu_s"],
-                "naive_busy_cores": naive["images_per_s"] / naive["images_per_cpu_s"],
-                "server_machine_busy_cores": srv["machine_busy_cores"],
-                "server_load_generator_cores": srv["load_generator_cores"],
-                "server_p50_ms": srv["p50_ms"],
-                "server_p99_ms": srv["p99_ms"],
-                "naive_p50_ms": naive["p50_ms"],
-                "naive_p99_ms": naive["p99_ms"],
-                "p99_over_full_batch": srv["p99_ms"] / (batch_s * 1000),
-                "requests": srv["requests"],
-                "server_errors": srv["errors"],
-                "naive_errors": naive["errors"],
-            }
-        )
-    print()
+    rows = level_rows(results, bound, bound_cpu, batch_s)
+    print(f"\nstage profile ({offline.fx.backend}, forward at batch {args.batch_size}):")
+    print_profile(profile)
     print(
-        f"bound (offline FeatureExtractor, batch {args.batch_size}): {bound:.1f} img/s, "
-        f"{bound_cpu:.2f} img/CPU-s; one full batch: {batch_s * 1000:.0f} ms"
+        f"\nbound (offline FeatureExtractor, {offline.fx.backend}, batch {args.batch_size}): "
+        f"{bound:.1f} img/s, {bound_cpu:.2f} img/CPU-s; one full batch: {batch_s * 1000:.0f} ms"
     )
-    print(
-        "| c | server img/s | / bound | naive img/s | server / naive | server img/CPU-s "
-        "| naive img/CPU-s | server / naive (CPU) | server busy cores | naive busy cores "
-        "| machine busy cores | load generator cores | server p50 ms | server p99 ms "
-        "| p99 / full batch | naive p99 ms |"
-    )
-    print("| ---: " * 16 + "|")
-    for r in rows:
-        print(
-            f"| {r['concurrency']} | {r['server_images_per_s']:.1f} | {r['server_vs_bound']:.2f} "
-            f"| {r['naive_images_per_s']:.1f} | {r['server_vs_naive']:.2f} "
-            f"| {r['server_images_per_cpu_s']:.2f} | {r['naive_images_per_cpu_s']:.2f} "
-            f"| {r['server_vs_naive_per_cpu_s']:.2f} | {r['server_busy_cores']:.2f} "
-            f"| {r['naive_busy_cores']:.2f} | {r['server_machine_busy_cores']:.2f} "
-            f"| {r['server_load_generator_cores']:.2f} | {r['server_p50_ms']:.0f} "
-            f"| {r['server_p99_ms']:.0f} | {r['p99_over_full_batch']:.2f} "
-            f"| {r['naive_p99_ms']:.0f} |"
-        )
-        if "server_vs_torch_server" in r:
-            print(
-                f"|   {args.backend} server / torch server at c={r['concurrency']}: "
-                f"{r['server_vs_torch_server']:.2f} (wall), "
-                f"{r['server_vs_torch_server_per_cpu_s']:.2f} (per CPU-s); torch server "
-                f"{r['torch_server_images_per_s']:.1f} img/s"
-            )
+    print_levels(rows, [n for n in results if n not in ("server", "naive")])
     machine["load_average_after"] = load_average()
-    print(
-        f"load average before {machine['load_average_before']}, "
-        f"after {machine['load_average_after']}"
-    )
+    print(f"load average before {machine['load_average_before']}, "
+          f"after {machine['load_average_after']}")  # fmt: skip
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -529,12 +678,19 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine,
         "settings": {k: v for k, v in vars(args).items() if k != "naive_server"},
+        "bound_backend": offline.fx.backend,
+        "bound_backend_timings": offline.fx.backend_timings,
+        "decode_check": offline.fx.decode_check,
         "bound_images_per_s": bound,
         "bound_images_per_cpu_s": bound_cpu,
         "full_batch_ms": batch_s * 1000,
+        "stage_profile_ms_per_image": profile,
         "levels": rows,
-        "raw": {name: {str(c): r for c, r in levels.items()} for name, levels in runs.items()},
-        "bound_rounds": bounds,
+        "raw": {
+            name: {str(c): r for c, r in levels.items()} for name, levels in raw["runs"].items()
+        },
+        "bound_rounds": raw["bounds"],
+        "profile_rounds": raw["profiles"],
     }
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nwrote {out}")

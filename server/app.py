@@ -10,15 +10,13 @@ pool and embeds them through the batcher. Every failure leaves as the contract's
 # No ``from __future__ import annotations`` here: FastAPI reads the routes' annotations at
 # run time.
 
-import base64
 import contextlib
 import hmac
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server.backend import BackendLoader, load_backend
@@ -26,6 +24,7 @@ from server.errors import APIError, error_body, install_error_handlers
 from server.inputs import base64_image, upload_reader
 from server.metrics import CONTENT_TYPE_LATEST
 from server.middleware import BodyCheck, CORSPolicy, RequestMetrics
+from server.outputs import embeddings_body
 from server.schemas import (
     EmbeddingRequest,
     EmbeddingResponse,
@@ -137,17 +136,6 @@ def embedding_response(
     """The OpenAI-shaped body and timing headers; 499 if the client went away."""
     if embedded is None:
         return Response(status_code=499)
-    data = [
-        {"object": "embedding", "index": i, "embedding": _encode(v, encoding_format)}
-        for i, v in enumerate(embedded.vectors)
-    ]
-    n = len(data)
-    body = {
-        "object": "list",
-        "data": data,
-        "model": service.settings.model_id,
-        "usage": {"prompt_tokens": n, "total_tokens": n, "images": n},
-    }
     timing = embedded.timing
     headers = {
         "x-decode-time": f"{embedded.decode_s * 1000:.2f}",
@@ -155,13 +143,8 @@ def embedding_response(
         "x-inference-time": f"{timing.inference_s * 1000:.2f}",
         "x-total-time": f"{embedded.total_s * 1000:.2f}",
     }
-    return JSONResponse(body, headers=headers)
-
-
-def _encode(vector: np.ndarray, encoding_format: EncodingFormat) -> list[float] | str:
-    if encoding_format == "base64":
-        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
-    return np.asarray(vector, dtype=np.float32).tolist()
+    body = embeddings_body(embedded.vectors, service.settings.model_id, encoding_format)
+    return Response(body, media_type="application/json", headers=headers)
 
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -258,10 +258,22 @@ def _add_compute_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help=f"skip images with more pixels, width x height (default: {DEFAULT_MAX_PIXELS})",
     )
-    p.add_argument(
+    decoding = p.add_mutually_exclusive_group()
+    decoding.add_argument(
         "--fast-decode",
-        action="store_true",
-        help="decode large JPEGs at a reduced scale (faster; embeddings differ slightly)",
+        dest="fast_decode",
+        action="store_const",
+        const=True,
+        default=None,
+        help="always decode large JPEGs at a reduced DCT scale (default: only when the model's "
+        "embeddings of real photos pass the guard)",
+    )
+    decoding.add_argument(
+        "--full-decode",
+        dest="fast_decode",
+        action="store_const",
+        const=False,
+        help="always decode JPEGs in full (the pixels exactly as older versions decoded them)",
     )
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from ssole_hub.hub.decode_check import check_reduced_decoding, resize_side
 from ssole_hub.hub.load import guarded_backends, load_model, load_onnx_model
 from ssole_hub.images import (
     DEFAULT_MAX_BYTES,
@@ -121,6 +121,8 @@ class FeatureExtractor:
             chosen one the fastest; empty when there was nothing to choose between.
         decode_options: keyword arguments this extractor passes to
             :func:`ssole_hub.images.decode_image` (limits, ``draft_size``).
+        decode_check: the figures of the reduced-decoding guard when it ran
+            (:meth:`set_decoding`), else ``None``.
     """
 
     def __init__(
@@ -133,7 +135,7 @@ class FeatureExtractor:
         compile: bool = False,
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_pixels: int = DEFAULT_MAX_PIXELS,
-        fast_decode: bool = False,
+        fast_decode: bool | None = None,
     ) -> None:
         """Wrap a built model; see :meth:`from_pretrained` for the arguments.
 
@@ -159,14 +161,10 @@ class FeatureExtractor:
         else:
             self.model_id = model_id or _model_id(model)
             self.data_config, self.transform = resolve_preprocessing(model)
-        draft_size = None
-        if fast_decode:
-            # timm's eval transform resizes the shorter side to input_size / crop_pct.
-            side = max(self.data_config["input_size"][1:])
-            draft_size = math.floor(side / self.data_config.get("crop_pct", 1.0))
         self.decode_options: dict[str, Any] = dict(
-            max_bytes=max_bytes, max_pixels=max_pixels, draft_size=draft_size
+            max_bytes=max_bytes, max_pixels=max_pixels, draft_size=None
         )
+        self.decode_check: dict[str, Any] | None = None
         self.backend: Backend = "torch"
         self.backend_timings: dict[str, float] = {}
         if isinstance(model, OnnxModel):
@@ -177,6 +175,25 @@ class FeatureExtractor:
             self.model = inference_model(model).to(self.device, memory_format=torch.channels_last)
         self.dims: dict[Output, int] = self.model.output_dims
         self._run = torch.compile(self.model) if compile else self.model
+        self.set_decoding(fast_decode)
+
+    def set_decoding(self, fast_decode: bool | None) -> None:
+        """Decode JPEGs at a reduced DCT scale (``True``), in full (``False``), or at a reduced
+        scale only if the guard passes for this model (``None``: :func:`~ssole_hub.hub.
+        decode_check.check_reduced_decoding`, its figures in :attr:`decode_check`, logged)."""
+        side = resize_side(self.data_config)
+        self.decode_check = None
+        if fast_decode is None:
+            check = check_reduced_decoding(
+                functools.partial(self.embed_tensor, normalize=False), self.transform, side
+            )
+            fast_decode = check is not None and check.passed
+            self.decode_check = None if check is None else check.to_dict()
+            log.info(
+                "reduced JPEG decoding %s for %s: %s", "on" if fast_decode else "off",
+                self.model_id, check or "no guard photos (scikit-image is not installed)",
+            )  # fmt: skip
+        self.decode_options["draft_size"] = side if fast_decode else None
 
     @classmethod
     def from_pretrained(
@@ -191,7 +208,7 @@ class FeatureExtractor:
         model_id: str | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_pixels: int = DEFAULT_MAX_PIXELS,
-        fast_decode: bool = False,
+        fast_decode: bool | None = None,
         backend: str = "torch",
     ) -> FeatureExtractor:
         """Load a model and wrap it for embedding.
@@ -210,9 +227,12 @@ class FeatureExtractor:
             model_id: name reported in :attr:`model_id`; default from ``model``.
             max_bytes: largest encoded image accepted (see :func:`ssole_hub.images.decode_image`).
             max_pixels: largest decoded image accepted.
-            fast_decode: decode large JPEGs at a reduced DCT scale that still covers the
-                model's resize size (``draft_size`` of :func:`ssole_hub.images.decode_image`):
-                much less decoding work, embeddings slightly different from a full decode.
+            fast_decode: decode JPEGs at least twice the model's resize size at a reduced DCT
+                scale that still covers it (``draft_size`` of
+                :func:`ssole_hub.images.decode_image`): several times less decoding work,
+                slightly different pixels. ``None`` (default): only if this model's embeddings
+                of real photos pass the guard (:meth:`set_decoding`); ``True``: always;
+                ``False``: never.
             backend: what runs the forward pass (preprocessing is the same for all):
                 ``"torch"``; ``"onnx"`` / ``"onnx-bf16"`` / ``"onnx-int8"``: OpenVINO on the
                 CPU with the hub folder's ``onnx/model.onnx`` (at float32 / bfloat16
@@ -253,7 +273,9 @@ class FeatureExtractor:
             cls._load, name, with_projector, pretrained, model_id=model_id or name, **kwargs
         )
         if len(candidates) > 1:
-            return cls._fastest({b: load(b) for b in candidates}, name)
+            fx = cls._fastest({b: load(b, fast_decode=False) for b in candidates}, name)
+            fx.set_decoding(fast_decode)  # the guard runs once, on the backend kept
+            return fx
         if backend == "auto":
             log.info(
                 "backend auto: using %s for %s on %s (no other backend to time)",

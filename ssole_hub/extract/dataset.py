@@ -56,7 +56,7 @@ def extract_dataset(
     compile: bool = False,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    fast_decode: bool = False,
+    fast_decode: bool | None = None,
     backend: str = "torch",
     progress: bool = True,
     image_column: str | None = None,
@@ -89,7 +89,8 @@ def extract_dataset(
             the default device is ``cuda:LOCAL_RANK`` when CUDA is available. The Ray engine's
             workers use their own GPU when they are given one.
         max_bytes, max_pixels: decoder limits; larger files are skipped and listed as errors.
-        fast_decode: decode large JPEGs at a reduced scale (see
+        fast_decode: decode large JPEGs at a reduced DCT scale: ``None`` (default) where the
+            model passes the guard, ``True`` always, ``False`` never (see
             :meth:`FeatureExtractor.from_pretrained`); recorded in the manifest.
         backend: ``"torch"``, ``"onnx"``, ``"onnx-int8"`` or ``"auto"`` (see
             :meth:`FeatureExtractor.from_pretrained`); the one used is in the manifest.

@@ -224,10 +224,12 @@ def test_exif_orientation_is_applied(server, extractors, photos):
     upright = ImageOps.exif_transpose(Image.open(io.BytesIO(rotated_file)))
     assert upright.size == photo.size[::-1]
     got = embedding(post_json(server, {"input": [uri(rotated_file)]}))[0]
-    want = extractors().embed([upright.convert("RGB")]).numpy()[0]
+    assert np.abs(got - extractors().embed([rotated_file]).numpy()[0]).max() <= 1e-5
+    # The server may decode at a reduced DCT scale (the extractor's guarded default), the PIL
+    # images below are full size: close to the upright image, far from the sideways one.
+    upright_error = np.abs(got - extractors().embed([upright.convert("RGB")]).numpy()[0]).max()
     sideways = extractors().embed([Image.open(io.BytesIO(rotated_file)).convert("RGB")]).numpy()[0]
-    assert np.abs(got - want).max() <= 1e-5
-    assert np.abs(got - sideways).max() > 1e-3
+    assert upright_error < 5e-3 and np.abs(got - sideways).max() > 10 * upright_error
 
 
 # --- isolation -------------------------------------------------------------------------------

@@ -149,7 +149,7 @@ calls = 0
 
 def dies_on_third_batch(self, batch, *args, **kwargs):
     global calls
-    calls += 1
+    calls += len(batch) <= 2  # the run's batches, not the decoding guard's 12 photos at load
     if calls == 3:
         os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, like a preempted job
     return forward(self, batch, *args, **kwargs)

@@ -168,11 +168,48 @@ def test_fast_decode_stays_close_to_a_full_decode(hub_folder, photos):
         jpegs.append(buf.getvalue())
     fast = FeatureExtractor.from_pretrained(hub_folder, fast_decode=True)
     assert fast.decode_options["draft_size"] == 256  # 224 / crop_pct 0.875
-    exact = FeatureExtractor.from_pretrained(hub_folder)
+    assert fast.decode_check is None  # forced: no guard ran
+    exact = FeatureExtractor.from_pretrained(hub_folder, fast_decode=False)
     assert exact.decode_options["draft_size"] is None
     a, b = fast.embed(jpegs), exact.embed(jpegs)
     assert not torch.equal(a, b)
     assert ((a * b).sum(dim=1) > 0.99).all()
+
+
+def test_reduced_decoding_is_the_default_once_the_guard_passes(hub_folder, caplog):
+    """The guard decodes scikit-image's photos (at their size and twice it) both ways; its
+    figures are recomputed here from the same photos, so a guard that passed without checking
+    would show."""
+    from ssole_hub.hub.decode_check import MIN_COSINE, guard_jpegs
+
+    with caplog.at_level("INFO", logger="ssole_hub"):
+        fx = FeatureExtractor.from_pretrained(hub_folder)
+    check = fx.decode_check
+    assert check["passed"] and fx.decode_options["draft_size"] == check["draft_size"] == 256
+    assert check["photos"] == 12 and check["reduced"] >= 6
+    assert "reduced JPEG decoding on" in caplog.text
+    full = FeatureExtractor.from_pretrained(hub_folder, fast_decode=False)
+    a, b = fx.embed(list(guard_jpegs())), full.embed(list(guard_jpegs()))
+    cosine = (a * b).sum(dim=1)
+    assert cosine.min() >= MIN_COSINE and abs(float(cosine.min()) - check["min_cosine"]) < 1e-4
+    assert (cosine < 1 - 1e-6).sum() == check["reduced"]  # only the reduced photos differ
+
+
+def test_a_failed_or_impossible_guard_keeps_full_decoding(hub_folder, monkeypatch, caplog):
+    from ssole_hub.hub import decode_check
+
+    monkeypatch.setattr(decode_check, "MIN_COSINE", 1.01)  # no cosine reaches it
+    with caplog.at_level("INFO", logger="ssole_hub"):
+        fx = FeatureExtractor.from_pretrained(hub_folder)
+    assert not fx.decode_check["passed"] and fx.decode_options["draft_size"] is None
+    assert "reduced JPEG decoding off" in caplog.text
+
+    def no_skimage() -> tuple[bytes, ...]:
+        raise ImportError("No module named 'skimage'")
+
+    monkeypatch.setattr(decode_check, "guard_jpegs", no_skimage)
+    fx = FeatureExtractor.from_pretrained(hub_folder)
+    assert fx.decode_check is None and fx.decode_options["draft_size"] is None
 
 
 def test_a_registered_name_loads_without_weights(photos):
