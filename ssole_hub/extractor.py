@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -25,8 +25,13 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from ssole_hub.hub.decode_check import check_reduced_decoding, resize_side
-from ssole_hub.hub.load import guarded_backends, load_model, load_onnx_model
+from ssole_hub.hub.decode_check import resize_side
+from ssole_hub.hub.load import (
+    guarded_backends,
+    load_model,
+    load_onnx_model,
+    reduced_decoding_record,
+)
 from ssole_hub.images import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_PIXELS,
@@ -121,8 +126,8 @@ class FeatureExtractor:
             chosen one the fastest; empty when there was nothing to choose between.
         decode_options: keyword arguments this extractor passes to
             :func:`ssole_hub.images.decode_image` (limits, ``draft_size``).
-        decode_check: the figures of the reduced-decoding guard when it ran
-            (:meth:`set_decoding`), else ``None``.
+        decode_check: the hub folder's record of the reduced-decoding guard (figures,
+            ``passed``), or ``None`` when it has none.
     """
 
     def __init__(
@@ -136,8 +141,11 @@ class FeatureExtractor:
         max_bytes: int = DEFAULT_MAX_BYTES,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         fast_decode: bool | None = None,
+        decode_check: Mapping[str, Any] | None = None,
     ) -> None:
-        """Wrap a built model; see :meth:`from_pretrained` for the arguments.
+        """Wrap a built model; see :meth:`from_pretrained` for the arguments (``decode_check``:
+        the hub folder's record of the reduced-decoding guard, which ``fast_decode=None``
+        follows).
 
         ``model`` (a timm backbone, an :class:`~ssole_hub.models.SSOLEModel`, or any module with
         ``.backbone`` and ``.projector``) is copied: the extractor runs an eval-mode copy on
@@ -175,25 +183,20 @@ class FeatureExtractor:
             self.model = inference_model(model).to(self.device, memory_format=torch.channels_last)
         self.dims: dict[Output, int] = self.model.output_dims
         self._run = torch.compile(self.model) if compile else self.model
-        self.set_decoding(fast_decode)
+        self._set_decoding(fast_decode, decode_check)
 
-    def set_decoding(self, fast_decode: bool | None) -> None:
-        """Decode JPEGs at a reduced DCT scale (``True``), in full (``False``), or at a reduced
-        scale only if the guard passes for this model (``None``: :func:`~ssole_hub.hub.
-        decode_check.check_reduced_decoding`, its figures in :attr:`decode_check`, logged)."""
-        side = resize_side(self.data_config)
-        self.decode_check = None
+    def _set_decoding(self, fast_decode: bool | None, check: Mapping[str, Any] | None) -> None:
+        """Decode JPEGs at a reduced DCT scale (``True``), in full (``False``), or (``None``) at
+        a reduced scale only if the guard passed for this model at export (``check``, the hub
+        folder's record, :func:`~ssole_hub.hub.decode_check.check_reduced_decoding`)."""
+        self.decode_check = dict(check) if check else None
         if fast_decode is None:
-            check = check_reduced_decoding(
-                functools.partial(self.embed_tensor, normalize=False), self.transform, side
-            )
-            fast_decode = check is not None and check.passed
-            self.decode_check = None if check is None else check.to_dict()
+            fast_decode = bool(check and check.get("passed"))
             log.info(
-                "reduced JPEG decoding %s for %s: %s", "on" if fast_decode else "off",
-                self.model_id, check or "no guard photos (scikit-image is not installed)",
+                "reduced JPEG decoding %s for %s (%s)", "on" if fast_decode else "off",
+                self.model_id, check or "no guard record: the folder was not exported with one",
             )  # fmt: skip
-        self.decode_options["draft_size"] = side if fast_decode else None
+        self.decode_options["draft_size"] = resize_side(self.data_config) if fast_decode else None
 
     @classmethod
     def from_pretrained(
@@ -230,9 +233,10 @@ class FeatureExtractor:
             fast_decode: decode JPEGs at least twice the model's resize size at a reduced DCT
                 scale that still covers it (``draft_size`` of
                 :func:`ssole_hub.images.decode_image`): several times less decoding work,
-                slightly different pixels. ``None`` (default): only if this model's embeddings
-                of real photos pass the guard (:meth:`set_decoding`); ``True``: always;
-                ``False``: never.
+                slightly different pixels. ``None`` (default): only if the hub folder records
+                that this model's embeddings of real photos passed the guard at export
+                (:func:`~ssole_hub.hub.decode_check.check_reduced_decoding`); ``True``:
+                always; ``False``: never.
             backend: what runs the forward pass (preprocessing is the same for all):
                 ``"torch"``; ``"onnx"`` / ``"onnx-bf16"`` / ``"onnx-int8"``: OpenVINO on the
                 CPU with the hub folder's ``onnx/model.onnx`` (at float32 / bfloat16
@@ -273,9 +277,7 @@ class FeatureExtractor:
             cls._load, name, with_projector, pretrained, model_id=model_id or name, **kwargs
         )
         if len(candidates) > 1:
-            fx = cls._fastest({b: load(b, fast_decode=False) for b in candidates}, name)
-            fx.set_decoding(fast_decode)  # the guard runs once, on the backend kept
-            return fx
+            return cls._fastest({b: load(b) for b in candidates}, name)
         if backend == "auto":
             log.info(
                 "backend auto: using %s for %s on %s (no other backend to time)",
@@ -293,13 +295,14 @@ class FeatureExtractor:
         **kwargs: Any,
     ) -> FeatureExtractor:
         """One extractor of the model ``name`` on ``backend`` (see :meth:`from_pretrained`)."""
+        check = reduced_decoding_record(name)
         if backend != "torch":
             onnx_model = load_onnx_model(name, backend)
             if with_projector and "projector" not in onnx_model.output_dims:
                 raise ValueError(f"{onnx_model.path} has no projector output")
-            return cls(onnx_model, **kwargs)
+            return cls(onnx_model, decode_check=check, **kwargs)
         module = load_model(name, pretrained=pretrained, with_projector=with_projector)
-        return cls(module, **kwargs)
+        return cls(module, decode_check=check, **kwargs)
 
     @staticmethod
     def _fastest(extractors: dict[Backend, FeatureExtractor], name: str) -> FeatureExtractor:

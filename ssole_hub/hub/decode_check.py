@@ -2,12 +2,15 @@
 
 A JPEG much larger than a model's input can be decoded at 1/2, 1/4 or 1/8 of its size by libjpeg
 (``draft_size`` of :func:`ssole_hub.images.decode_image`): several times less decoding and
-resizing work, but slightly different pixels. :class:`~ssole_hub.FeatureExtractor` turns it on
-by default only after :func:`check_reduced_decoding` has compared, for its own model, the
-embeddings of real photos decoded both ways:
+resizing work, but slightly different pixels. Exporting a hub folder runs
+:func:`check_reduced_decoding` on its model (:func:`decoding_record`, kept in ``ssole.json`` as
+``reduced_decoding``), and :class:`~ssole_hub.FeatureExtractor` decodes at a reduced scale by
+default only where that record passed. The check compares the backbone's embeddings of real
+photos decoded both ways:
 
-- the **guard photos** are scikit-image's bundled photos (those of the ONNX guard), each as a
-  JPEG at its own size and at twice it, so that most of them are large enough to be reduced;
+- the **guard photos** are scikit-image's bundled photos (those of the ONNX guard) as JPEGs
+  whose shorter side is 2 or 4 times the model's resize size (alternately), so that libjpeg
+  reduces them at 1/2 and at 1/4;
 - the **smallest cosine** between each photo's two embeddings must be at least
   :data:`MIN_COSINE`, and the **neighbour agreement** (each photo's nearest neighbours among the
   photos, :func:`~ssole_hub.hub.onnx_export.neighbour_agreement`) at least
@@ -29,16 +32,31 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 from ssole_hub.hub.onnx_export import NEIGHBOUR_K, SKIMAGE_PHOTOS, neighbour_agreement
 from ssole_hub.images import decode_image
+from ssole_hub.preprocessing import resolve_preprocessing
 from ssole_hub.runtimes.backends import NEIGHBOUR_AGREEMENT_LIMIT
 
-__all__ = ["MIN_COSINE", "DecodeCheck", "check_reduced_decoding", "guard_jpegs", "resize_side"]
+__all__ = [
+    "MIN_COSINE",
+    "MIN_REDUCED",
+    "DecodeCheck",
+    "check_reduced_decoding",
+    "decoding_record",
+    "guard_jpegs",
+    "resize_side",
+]
 
 MIN_COSINE = 0.99
 """Smallest cosine between a guard photo's embeddings from reduced and from full decoding (the
 int8 backend's limit)."""
+SCALES = (2, 4)
+"""The guard photos' shorter sides, as multiples of the model's resize size (alternately)."""
+MIN_REDUCED = 5
+"""Fewest guard photos that must have been decoded at a reduced scale for the guard to pass
+(the ONNX guard's neighbour agreement is measured from 5 photos on, too)."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +87,9 @@ def resize_side(data_config: Mapping[str, Any]) -> int:
 
 
 @functools.cache
-def guard_jpegs() -> tuple[bytes, ...]:
-    """scikit-image's photos as JPEG files (quality 90), each at its own size and at twice it.
+def guard_jpegs(side: int) -> tuple[bytes, ...]:
+    """scikit-image's photos as JPEG files (quality 90), resized so that their shorter sides
+    are :data:`SCALES` times ``side`` in turn.
 
     Raises:
         ImportError: scikit-image is not installed.
@@ -78,13 +97,13 @@ def guard_jpegs() -> tuple[bytes, ...]:
     from skimage import data
 
     out = []
-    for name in SKIMAGE_PHOTOS:
+    for i, name in enumerate(SKIMAGE_PHOTOS):
         img = Image.fromarray(np.asarray(getattr(data, name)())).convert("RGB")
-        for scale in (1, 2):
-            sized = img.resize((img.width * scale, img.height * scale), Image.Resampling.BICUBIC)
-            buf = io.BytesIO()
-            sized.save(buf, format="JPEG", quality=90)
-            out.append(buf.getvalue())
+        factor = SCALES[i % len(SCALES)] * side / min(img.size)
+        size = (math.ceil(img.width * factor), math.ceil(img.height * factor))
+        buf = io.BytesIO()
+        img.resize(size, Image.Resampling.BICUBIC).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
     return tuple(out)
 
 
@@ -97,7 +116,7 @@ def check_reduced_decoding(
     decoded in full and at a reduced DCT scale keeping ``draft_size``; ``None`` without
     scikit-image (nothing real to check)."""
     try:
-        jpegs = guard_jpegs()
+        jpegs = guard_jpegs(draft_size)
     except ImportError:
         return None
     full = [decode_image(j) for j in jpegs]
@@ -109,6 +128,21 @@ def check_reduced_decoding(
     min_cosine = float(F.cosine_similarity(reference, candidate, dim=1).min())
     k = min(NEIGHBOUR_K, (len(jpegs) - 1) // 2)
     agreement = neighbour_agreement(reference, candidate, k)
-    passed = min_cosine >= MIN_COSINE and agreement >= NEIGHBOUR_AGREEMENT_LIMIT
+    # Photos too small to be reduced for this model prove nothing: at least MIN_REDUCED must be.
+    passed = (
+        n_reduced >= MIN_REDUCED
+        and min_cosine >= MIN_COSINE
+        and agreement >= NEIGHBOUR_AGREEMENT_LIMIT
+    )
     return DecodeCheck(draft_size, len(jpegs), n_reduced, round(min_cosine, 6),
                        round(agreement, 4), passed)  # fmt: skip
+
+
+def decoding_record(
+    backbone: nn.Module, pretrained_cfg: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    """:func:`check_reduced_decoding` for a timm ``backbone`` fed as ``pretrained_cfg`` says,
+    as the hub folder's ``ssole.json`` records it; ``None`` without scikit-image."""
+    config, transform = resolve_preprocessing(pretrained_cfg)
+    check = check_reduced_decoding(backbone.eval(), transform, resize_side(config))
+    return None if check is None else check.to_dict()

@@ -23,6 +23,7 @@ from torch import nn
 from ssole_hub.errors import HubFolderError
 from ssole_hub.file_modes import give_umask_mode
 from ssole_hub.hub.checkpoint import ModelCheckpoint, load_model_checkpoint
+from ssole_hub.hub.decode_check import decoding_record
 from ssole_hub.hub.fetch import local_fetch
 from ssole_hub.hub.folder import (
     CONFIG_FILE,
@@ -208,6 +209,7 @@ def export_hub_folder(
         "num_features": backbone.num_features,
         "projector_config": projector_config,
         "model_stats": measure_model_stats(backbone, pretrained_cfg["input_size"]).to_dict(),
+        "reduced_decoding": decoding_record(backbone, pretrained_cfg),
         "metadata": meta,
         "eval_results": results,
         "code_version": _code_version(),

@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import timm
 from timm.models import get_pretrained_cfg, is_model, split_model_name_tag
@@ -48,7 +49,7 @@ from ssole_hub.runtimes.backends import (
 )
 from ssole_hub.runtimes.openvino import OnnxModel, open_session
 
-__all__ = ["guarded_backends", "load_model", "load_onnx_model"]
+__all__ = ["guarded_backends", "load_model", "load_onnx_model", "reduced_decoding_record"]
 
 log = logging.getLogger("ssole_hub")
 
@@ -225,6 +226,19 @@ def guarded_backends(model: str | os.PathLike) -> list[Backend]:
             continue
         found.append(backend)
     return found
+
+
+def reduced_decoding_record(model: str | os.PathLike) -> dict[str, Any] | None:
+    """The reduced-decoding guard's record in the ``ssole.json`` of ``model`` (a hub folder or
+    ``hf-hub:`` repo), written at export (:mod:`ssole_hub.hub.decode_check`); ``None`` for
+    names, checkpoints and folders exported without one."""
+    fetch = _fetch_for(model)
+    if fetch is None:
+        return None
+    try:
+        return read_json(fetch(SSOLE_FILE), SSOLE_FILE).get("reduced_decoding")
+    except FileNotFoundError:
+        return None
 
 
 def load_onnx_model(model: str | os.PathLike, backend: Backend) -> OnnxModel:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import create_transform, resolve_data_config
 
+import ssole_hub
 from ssole_hub import FeatureExtractor, SSOLEModel, SSOLEProjector, export_hub_folder
 from ssole_hub.images import ImageDecodeError, UnsupportedImageError
 
@@ -168,7 +170,6 @@ def test_fast_decode_stays_close_to_a_full_decode(hub_folder, photos):
         jpegs.append(buf.getvalue())
     fast = FeatureExtractor.from_pretrained(hub_folder, fast_decode=True)
     assert fast.decode_options["draft_size"] == 256  # 224 / crop_pct 0.875
-    assert fast.decode_check is None  # forced: no guard ran
     exact = FeatureExtractor.from_pretrained(hub_folder, fast_decode=False)
     assert exact.decode_options["draft_size"] is None
     a, b = fast.embed(jpegs), exact.embed(jpegs)
@@ -176,40 +177,50 @@ def test_fast_decode_stays_close_to_a_full_decode(hub_folder, photos):
     assert ((a * b).sum(dim=1) > 0.99).all()
 
 
-def test_reduced_decoding_is_the_default_once_the_guard_passes(hub_folder, caplog):
-    """The guard decodes scikit-image's photos (at their size and twice it) both ways; its
-    figures are recomputed here from the same photos, so a guard that passed without checking
-    would show."""
+def test_reduced_decoding_is_the_default_where_the_export_guard_passed(hub_folder, caplog):
+    """Export ran the guard on scikit-image's photos (at 2 and 4 times the resize size, decoded
+    both ways) and recorded it; its figures are recomputed here from the same photos through the loaded
+    extractor, so a guard that passed without checking would show."""
     from ssole_hub.hub.decode_check import MIN_COSINE, guard_jpegs
 
+    record = json.loads((hub_folder / "ssole.json").read_text())["reduced_decoding"]
     with caplog.at_level("INFO", logger="ssole_hub"):
         fx = FeatureExtractor.from_pretrained(hub_folder)
-    check = fx.decode_check
-    assert check["passed"] and fx.decode_options["draft_size"] == check["draft_size"] == 256
-    assert check["photos"] == 12 and check["reduced"] >= 6
+    assert fx.decode_check == record and record["passed"]
+    assert fx.decode_options["draft_size"] == record["draft_size"] == 256
+    assert record["photos"] == record["reduced"] == 6
     assert "reduced JPEG decoding on" in caplog.text
     full = FeatureExtractor.from_pretrained(hub_folder, fast_decode=False)
-    a, b = fx.embed(list(guard_jpegs())), full.embed(list(guard_jpegs()))
+    jpegs = list(guard_jpegs(256))
+    a, b = fx.embed(jpegs), full.embed(jpegs)
     cosine = (a * b).sum(dim=1)
-    assert cosine.min() >= MIN_COSINE and abs(float(cosine.min()) - check["min_cosine"]) < 1e-4
-    assert (cosine < 1 - 1e-6).sum() == check["reduced"]  # only the reduced photos differ
+    assert cosine.min() >= MIN_COSINE and abs(float(cosine.min()) - record["min_cosine"]) < 1e-4
+    assert (cosine < 1 - 1e-6).all()  # every photo was reduced, so none is the same
 
 
-def test_a_failed_or_impossible_guard_keeps_full_decoding(hub_folder, monkeypatch, caplog):
+def test_a_failed_or_missing_guard_keeps_full_decoding(hub_folder, tmp_path, monkeypatch, caplog):
     from ssole_hub.hub import decode_check
 
+    model = ssole_hub.load_model(hub_folder, with_projector=True)
     monkeypatch.setattr(decode_check, "MIN_COSINE", 1.01)  # no cosine reaches it
+    failed = export_hub_folder(model, tmp_path / "failed")
     with caplog.at_level("INFO", logger="ssole_hub"):
-        fx = FeatureExtractor.from_pretrained(hub_folder)
+        fx = FeatureExtractor.from_pretrained(failed)
     assert not fx.decode_check["passed"] and fx.decode_options["draft_size"] is None
+    assert fx.decode_check["min_cosine_limit"] == 1.01
     assert "reduced JPEG decoding off" in caplog.text
+    assert FeatureExtractor.from_pretrained(failed, fast_decode=True).decode_options["draft_size"]
 
-    def no_skimage() -> tuple[bytes, ...]:
+    def no_skimage(side: int) -> tuple[bytes, ...]:
         raise ImportError("No module named 'skimage'")
 
     monkeypatch.setattr(decode_check, "guard_jpegs", no_skimage)
-    fx = FeatureExtractor.from_pretrained(hub_folder)
+    unchecked = export_hub_folder(model, tmp_path / "unchecked")
+    assert json.loads((unchecked / "ssole.json").read_text())["reduced_decoding"] is None
+    fx = FeatureExtractor.from_pretrained(unchecked)
     assert fx.decode_check is None and fx.decode_options["draft_size"] is None
+    # A built module has no folder, so no record: full decoding unless asked.
+    assert FeatureExtractor(fx.model).decode_options["draft_size"] is None
 
 
 def test_a_registered_name_loads_without_weights(photos):
