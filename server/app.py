@@ -21,7 +21,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server.backend import BackendLoader, load_backend
 from server.errors import APIError, error_body, install_error_handlers
-from server.inputs import base64_image, upload_reader
+from server.inputs import OrjsonRoute, base64_image, upload_reader
 from server.metrics import CONTENT_TYPE_LATEST
 from server.middleware import BodyCheck, CORSPolicy, RequestMetrics
 from server.outputs import embeddings_body
@@ -112,7 +112,7 @@ async def require_api_key(
 def require_content_type(*accepted: str) -> Callable[[Request], None]:
     """A dependency answering 415 unless the request's media type is one of ``accepted``."""
 
-    def check(request: Request) -> None:
+    async def check(request: Request) -> None:  # async: no thread-pool hop per request
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type not in accepted:
             raise APIError.unsupported_media_type(
@@ -167,7 +167,7 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 # Routes
 # --------------------------------------------------------------------------------------------
 
-router = APIRouter()
+router = APIRouter(route_class=OrjsonRoute)
 
 
 @router.post(

@@ -1,7 +1,9 @@
-"""Request inputs to encoded image bytes: data URIs, bare base64 and multipart parts.
+"""Request inputs to encoded image bytes: JSON bodies, data URIs, bare base64 and multipart parts.
 
 Each function raises :class:`~server.errors.APIError` with the contract's status, naming the
-input (``input[2]``, ``files[0] (cat.jpg)``) that was wrong.
+input (``input[2]``, ``files[0] (cat.jpg)``) that was wrong. JSON bodies are parsed by
+``orjson`` (:class:`OrjsonRoute`), several times faster than the standard library on bodies that
+are mostly one long base64 string.
 """
 
 from __future__ import annotations
@@ -9,17 +11,41 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
-from fastapi import UploadFile
+import orjson
+from fastapi import Request, Response, UploadFile
+from fastapi.routing import APIRoute
 
 from server.errors import APIError
 from ssole_hub import CorruptImageError, ImageTooLargeError, UnsupportedImageError
 
-__all__ = ["base64_image", "image_error", "upload_reader"]
+__all__ = ["OrjsonRoute", "base64_image", "image_error", "upload_reader"]
 
 _DATA_URI = re.compile(r"^data:(?P<type>[^;,]*)(?P<params>(;[^;,]*)*),", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
+
+
+class _OrjsonRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            # orjson.JSONDecodeError is a json.JSONDecodeError: FastAPI answers it as before.
+            self._json = orjson.loads(await self.body())
+        return self._json
+
+
+class OrjsonRoute(APIRoute):
+    """A route whose JSON body is parsed by ``orjson`` (FastAPI's pattern for a custom request
+    class); validation, errors and the OpenAPI schema stay FastAPI's."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            return await handler(_OrjsonRequest(request.scope, request.receive))
+
+        return handle
 
 
 def base64_image(text: str, where: str, max_bytes: int) -> bytes:
