@@ -264,3 +264,30 @@ def test_a_diverged_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch,
     out = capsys.readouterr().out
     assert "base seed 1: diverged (loss not finite for 20 steps in a row" in out
     assert "| base | 2 | 1 |" in out
+
+
+confirm = importlib.import_module("bench.recipe_confirm")
+
+
+def test_the_confirmation_takes_each_methods_best_point_that_never_diverged(tmp_path):
+    summary = [
+        {"point": "base", "runs": 3, "diverged": 1, "knn_top1_mean": 91.0},
+        {"point": "views=2", "runs": 3, "diverged": 0, "knn_top1_mean": 85.0},
+        {"point": "lr=x2", "runs": 3, "diverged": 0, "knn_top1_mean": 80.0},
+    ]
+    (tmp_path / "recipe_sweep_vicreg.json").write_text(json.dumps({"summary": summary}))
+    point = confirm.winner("vicreg", tmp_path)
+    assert point.name == "vicreg:views=2"
+    assert {"method=vicreg", "views.num_views=2"} <= set(point.overrides())
+    with pytest.raises(FileNotFoundError, match=r"recipe_sweep\.py --method simclr"):
+        confirm.winner("simclr", tmp_path)
+
+
+def test_the_confirmation_dry_run_lists_every_winner_at_the_fashion_mnist_budget(capsys):
+    """From the sweeps' committed results: one point per method, each config validated."""
+    assert confirm.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "4 points x 2 seeds (42, 1) = 8 runs" in out
+    assert "views.size=64" in out and "data.root=" in out
+    for method in METHODS:
+        assert f"\n{method}:" in out
