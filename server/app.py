@@ -245,6 +245,7 @@ async def list_models(request: Request) -> ModelList:
         dimensions=dict(service.backend.dimensions) if service.backend else {},
         backend=service.backend.backend_name if service.backend else None,
         backend_timings=dict(service.backend.backend_timings) if service.backend else {},
+        reduced_decoding=service.backend.reduced_decoding if service.backend else None,
     )
     return ModelList(data=[card])
 

@@ -46,6 +46,10 @@ class EmbeddingBackend(Protocol):
     backend_timings: dict[str, float]
     """Milliseconds per image of each backend ``auto`` timed at load (empty when fixed)."""
 
+    reduced_decoding: bool
+    """Whether large JPEGs are decoded at a reduced DCT scale (``ssole_hub``'s guarded
+    default), shown by ``/v1/models``."""
+
     def prepare(self, data: bytes) -> torch.Tensor:
         """Decode and preprocess one encoded image; raises ``ssole_hub.images`` errors."""
         ...
@@ -75,6 +79,7 @@ class ExtractorBackend:
         self.dimensions: dict[str, int] = dict(extractor.dims)
         self.backend_name: str = extractor.backend
         self.backend_timings: dict[str, float] = dict(extractor.backend_timings)
+        self.reduced_decoding = extractor.decode_options["draft_size"] is not None
 
     def prepare(self, data: bytes) -> torch.Tensor:
         """Decode ``data`` with the extractor's limits and apply the model's eval transform."""

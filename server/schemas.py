@@ -99,6 +99,11 @@ class ModelCard(BaseModel):
         description="milliseconds per image of each backend that `auto` timed at load on this "
         "machine (it serves the fastest); empty when the backend was given",
     )
+    reduced_decoding: bool | None = Field(
+        default=None,
+        description="whether large JPEGs are decoded at a reduced DCT scale (on where the "
+        "model's hub folder records that it passed the decoding guard at export)",
+    )
 
 
 class ModelList(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import numpy as np
 import pytest
@@ -82,10 +83,13 @@ def test_single_string_input_gives_one_embedding(server, extractors, photo_jpegs
     assert np.abs(got[0] - extractors().embed(photo_jpegs[:1]).numpy()[0]).max() <= 1e-5
 
 
-def test_models_lists_the_served_model_with_its_dimensions(server):
+def test_models_lists_the_served_model_with_its_dimensions(server, tiny_model_dir):
     with server.client() as c:
         body = c.get("/v1/models").json()
     assert body["object"] == "list"
     (card,) = body["data"]
     assert card["id"] == "tiny-ssole" and card["ready"] is True
     assert card["dimensions"] == {"backbone": 512, "projector": 32}
+    # The folder's export-time decoding guard decides, and the card says what it decided.
+    guard = json.loads((tiny_model_dir / "ssole.json").read_text())["reduced_decoding"]
+    assert card["reduced_decoding"] is guard["passed"]

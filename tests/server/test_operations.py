@@ -59,6 +59,7 @@ class PausedBackend:
         self.dimensions = inner.dimensions
         self.backend_name = inner.backend_name
         self.backend_timings = inner.backend_timings
+        self.reduced_decoding = inner.reduced_decoding
         self.prepare = inner.prepare
         self.warmup = inner.warmup
 
