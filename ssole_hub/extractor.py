@@ -192,11 +192,18 @@ class FeatureExtractor:
         self.decode_check = dict(check) if check else None
         if fast_decode is None:
             fast_decode = bool(check and check.get("passed"))
-            log.info(
-                "reduced JPEG decoding %s for %s (%s)", "on" if fast_decode else "off",
-                self.model_id, check or "no guard record: the folder was not exported with one",
-            )  # fmt: skip
         self.decode_options["draft_size"] = resize_side(self.data_config) if fast_decode else None
+
+    def _log_decoding(self) -> None:
+        """Say whether the guarded default decodes at a reduced scale, and on what evidence."""
+        c = self.decode_check
+        evidence = (
+            f"min cosine {c['min_cosine']:g}, neighbour agreement {c['neighbour_agreement']:g} "
+            f"on {c['reduced']} reduced photos at export" if c
+            else "no guard record: only hub folders exported with scikit-image have one"
+        )  # fmt: skip
+        state = "on" if self.decode_options["draft_size"] else "off"
+        log.info("reduced JPEG decoding %s for %s (%s)", state, self.model_id, evidence)
 
     @classmethod
     def from_pretrained(
@@ -277,13 +284,17 @@ class FeatureExtractor:
             cls._load, name, with_projector, pretrained, model_id=model_id or name, **kwargs
         )
         if len(candidates) > 1:
-            return cls._fastest({b: load(b) for b in candidates}, name)
-        if backend == "auto":
-            log.info(
-                "backend auto: using %s for %s on %s (no other backend to time)",
-                candidates[0], name, default_device(device),
-            )  # fmt: skip
-        return load(candidates[0])
+            fx = cls._fastest({b: load(b) for b in candidates}, name)
+        else:
+            fx = load(candidates[0])
+            if backend == "auto":
+                log.info(
+                    "backend auto: using %s for %s on %s (no other backend to time)",
+                    candidates[0], name, fx.device,
+                )  # fmt: skip
+        if fast_decode is None:
+            fx._log_decoding()
+        return fx
 
     @classmethod
     def _load(
