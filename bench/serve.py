@@ -208,6 +208,24 @@ def stage_profile(fx, bodies: list[bytes], batch_size: int, repeats: int = 3) ->
     return {stage: profile.get(stage, statistics.median(forward)) for stage in STAGES}
 
 
+def forward_ms_per_image(fx, batch_sizes: list[int], repeats: int = 3) -> dict[int, float]:
+    """CPU milliseconds per image of ``embed_tensor`` at each batch size (median of
+    ``repeats``, after one untimed pass): how the forward pass's cost depends on the batch."""
+    import torch
+
+    out = {}
+    for n in batch_sizes:
+        batch = torch.randn(n, *fx.data_config["input_size"])
+        fx.embed_tensor(batch)
+        per_image = []
+        for _ in range(repeats):
+            cpu0 = cpu_seconds(os.getpid())
+            fx.embed_tensor(batch)
+            per_image.append((cpu_seconds(os.getpid()) - cpu0) * 1000 / n)
+        out[n] = statistics.median(per_image)
+    return out
+
+
 def print_profile(profile: dict[str, float]) -> None:
     """The stage profile as a Markdown table, with the limit it sets (images per CPU-s)."""
     total = sum(profile.values())
@@ -446,6 +464,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--profile-only", action="store_true", help="print the stage profile only; no servers"
     )
+    p.add_argument(
+        "--forward-batches",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="N",
+        help="with --profile-only: also the forward pass's CPU ms per image at these batch sizes",
+    )
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "serve.json"))
     p.add_argument("--naive-server", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -614,6 +640,56 @@ def print_levels(rows: list[dict], others: list[str]) -> None:
             )
 
 
+def print_profile_only(args: argparse.Namespace, fx, bodies: list[bytes]) -> None:
+    """``--profile-only``: the stage profile (and the forward pass per batch size) alone."""
+    profiles = [stage_profile(fx, bodies, args.batch_size) for _ in range(args.repeats)]
+    print(f"backend {fx.backend} {fx.backend_timings or ''}; reduced decoding guard "
+          f"{fx.decode_check}")  # fmt: skip
+    print_profile({k: statistics.median(p[k] for p in profiles) for k in STAGES})
+    for n, ms in forward_ms_per_image(fx, args.forward_batches).items():
+        print(f"forward at batch {n}: {ms:.2f} CPU ms per image")
+
+
+def report(args: argparse.Namespace, argv: list[str] | None, machine: dict, fx, raw: dict) -> dict:
+    """Print the tables of one run and return its JSON record."""
+    bound = statistics.median(b["images_per_s"] for b in raw["bounds"])
+    bound_cpu = statistics.median(b["images_per_cpu_s"] for b in raw["bounds"])
+    batch_s = statistics.median(raw["batch_times"])
+    profile = {k: statistics.median(p[k] for p in raw["profiles"]) for k in STAGES}
+    results = {
+        name: [median_of(levels[c]) | {"concurrency": c} for c in args.concurrency]
+        for name, levels in raw["runs"].items()
+    }
+    rows = level_rows(results, bound, bound_cpu, batch_s)
+    print(f"\nstage profile ({fx.backend}, forward at batch {args.batch_size}):")
+    print_profile(profile)
+    print(
+        f"\nbound (offline FeatureExtractor, {fx.backend}, batch {args.batch_size}): "
+        f"{bound:.1f} img/s, {bound_cpu:.2f} img/CPU-s; one full batch: {batch_s * 1000:.0f} ms"
+    )
+    print_levels(rows, [n for n in results if n not in ("server", "naive")])
+    machine["load_average_after"] = load_average()
+    print(f"load average before {machine['load_average_before']}, "
+          f"after {machine['load_average_after']}")  # fmt: skip
+    return {
+        "benchmark": "serve",
+        "command": "python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine,
+        "settings": {k: v for k, v in vars(args).items() if k != "naive_server"},
+        "bound_backend": fx.backend,
+        "bound_backend_timings": fx.backend_timings,
+        "decode_check": fx.decode_check,
+        "bound_images_per_s": bound,
+        "bound_images_per_cpu_s": bound_cpu,
+        "full_batch_ms": batch_s * 1000,
+        "stage_profile_ms_per_image": profile,
+        "levels": rows,
+        "raw": {name: {str(c): r for c, r in lv.items()} for name, lv in raw["runs"].items()},
+        "bound_rounds": raw["bounds"],
+        "profile_rounds": raw["profiles"],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the exit status."""
     args = parse_args(argv)
@@ -639,11 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         images = [jpegs[i % len(jpegs)] for i in range(args.batch_size * 4)]
         offline = OfflineBound(model, args.device, args.batch_size, args.backend)
         if args.profile_only:
-            profiles = [stage_profile(offline.fx, bodies, args.batch_size)
-                        for _ in range(args.repeats)]  # fmt: skip
-            print(f"backend {offline.fx.backend} {offline.fx.backend_timings or ''}; reduced "
-                  f"decoding guard {offline.fx.decode_check}")  # fmt: skip
-            print_profile({k: statistics.median(p[k] for p in profiles) for k in STAGES})
+            print_profile_only(args, offline.fx, bodies)
             return 0
         try:
             urls = start_servers(args, model, procs)
@@ -651,47 +723,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for proc in procs:
                 stop(proc)
-    bound = statistics.median(b["images_per_s"] for b in raw["bounds"])
-    bound_cpu = statistics.median(b["images_per_cpu_s"] for b in raw["bounds"])
-    batch_s = statistics.median(raw["batch_times"])
-    profile = {k: statistics.median(p[k] for p in raw["profiles"]) for k in STAGES}
-    results = {
-        name: [median_of(levels[c]) | {"concurrency": c} for c in args.concurrency]
-        for name, levels in raw["runs"].items()
-    }
-    rows = level_rows(results, bound, bound_cpu, batch_s)
-    print(f"\nstage profile ({offline.fx.backend}, forward at batch {args.batch_size}):")
-    print_profile(profile)
-    print(
-        f"\nbound (offline FeatureExtractor, {offline.fx.backend}, batch {args.batch_size}): "
-        f"{bound:.1f} img/s, {bound_cpu:.2f} img/CPU-s; one full batch: {batch_s * 1000:.0f} ms"
-    )
-    print_levels(rows, [n for n in results if n not in ("server", "naive")])
-    machine["load_average_after"] = load_average()
-    print(f"load average before {machine['load_average_before']}, "
-          f"after {machine['load_average_after']}")  # fmt: skip
-
+    record = report(args, argv, machine, offline.fx, raw)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {
-        "benchmark": "serve",
-        "command": "python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine,
-        "settings": {k: v for k, v in vars(args).items() if k != "naive_server"},
-        "bound_backend": offline.fx.backend,
-        "bound_backend_timings": offline.fx.backend_timings,
-        "decode_check": offline.fx.decode_check,
-        "bound_images_per_s": bound,
-        "bound_images_per_cpu_s": bound_cpu,
-        "full_batch_ms": batch_s * 1000,
-        "stage_profile_ms_per_image": profile,
-        "levels": rows,
-        "raw": {
-            name: {str(c): r for c, r in levels.items()} for name, levels in raw["runs"].items()
-        },
-        "bound_rounds": raw["bounds"],
-        "profile_rounds": raw["profiles"],
-    }
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nwrote {out}")
     return 0
