@@ -20,9 +20,13 @@ def build_stage(plan: Plan, timeout_s: float, train_budget_s: float) -> Stage | 
         ["--train-images", "60000", "--test-images", "10000", "--size", "64",
          "--batch-size", "256", "--workers", "10"],
     )  # fmt: skip
+    # SSOLE's small-data recipe (bench/recipe_sweep.py, bench/recipe_confirm.py): LARS, a
+    # BatchNorm projector, weight decay 1e-6; lr 0.6 at batch 64, scaled linearly to 256.
+    recipe = ["--optimizer", "lars", "--ssole-projector", "bn", "--weight-decay", "1e-6",
+              "--lr", "2.4"]  # fmt: skip
     command = [
         plan.python, "bench/quality.py", "--methods", "ssole", "--device", plan.device,
-        "--precision", "bf16", "--time-budget", f"{train_budget_s:.0f}", *sizes,
+        "--precision", "bf16", "--time-budget", f"{train_budget_s:.0f}", *recipe, *sizes,
         "--data-root", str(plan.fashion_mnist), "--work-dir", str(plan.work / "quality"),
         "--export", str(export), "--out", str(out),
     ]  # fmt: skip
