@@ -216,13 +216,15 @@ def epochs_for_budget(
     return epochs, calibration
 
 
-def export_ssole(checkpoint: Path, out: Path, rows: list[dict[str, Any]]) -> Path:
+def export_ssole(
+    checkpoint: Path, out: Path, own: dict[str, Any], rows: list[dict[str, Any]]
+) -> Path:
     """Export SSOLE's checkpoint as a hub folder whose card holds this benchmark's results (its
-    own and the raw-pixel and random-init baselines'). Returns the folder."""
+    own row ``own``, with either projector, and the raw-pixel and random-init baselines' in
+    ``rows``). Returns the folder."""
     from ssole_hub import export_hub_folder
 
     by_name = {r["model"]: r for r in rows}
-    own = by_name["ssole"]
     results = {
         "fashion-mnist": {
             "knn_top1 (k=20, T=0.07)": own["knn_top1"],
@@ -460,7 +462,7 @@ def main() -> int:
         rows.append({**_row(name, result, train_s, method, checkpoint.parent), "reused": reused})
         print_table(rows[-1:])
         if args.export and method == "ssole" and exported is None:
-            exported = export_ssole(checkpoint, Path(args.export), rows)
+            exported = export_ssole(checkpoint, Path(args.export), rows[-1], rows)
             print(f"exported {exported}")
 
     print()
