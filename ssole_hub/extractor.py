@@ -281,8 +281,9 @@ class FeatureExtractor:
             return cls(model, model_id=model_id, **kwargs)
         name = os.fspath(model)
         load = functools.partial(
-            cls._load, name, with_projector, pretrained, model_id=model_id or name, **kwargs
-        )
+            cls._load, name, with_projector, pretrained, model_id=model_id or name,
+            decode_check=reduced_decoding_record(name), **kwargs,
+        )  # fmt: skip
         if len(candidates) > 1:
             fx = cls._fastest({b: load(b) for b in candidates}, name)
         else:
@@ -306,14 +307,13 @@ class FeatureExtractor:
         **kwargs: Any,
     ) -> FeatureExtractor:
         """One extractor of the model ``name`` on ``backend`` (see :meth:`from_pretrained`)."""
-        check = reduced_decoding_record(name)
         if backend != "torch":
             onnx_model = load_onnx_model(name, backend)
             if with_projector and "projector" not in onnx_model.output_dims:
                 raise ValueError(f"{onnx_model.path} has no projector output")
-            return cls(onnx_model, decode_check=check, **kwargs)
+            return cls(onnx_model, **kwargs)
         module = load_model(name, pretrained=pretrained, with_projector=with_projector)
-        return cls(module, decode_check=check, **kwargs)
+        return cls(module, **kwargs)
 
     @staticmethod
     def _fastest(extractors: dict[Backend, FeatureExtractor], name: str) -> FeatureExtractor:
