@@ -8,7 +8,12 @@ What is measured, side by side on the same real photos (scikit-image, JPEG):
   loopback at concurrency 1, 8, 32, 64 (one image per request, JSON data URIs): images/s,
   p50/p99 latency;
 - **naive**: a one-request-one-forward FastAPI endpoint (sync route in FastAPI's thread pool, the
-  usual first version of such a service) under the same load.
+  usual first version of such a service) under the same load;
+- **stage profile**: where an image's CPU goes in the server's own code (parse, decode,
+  preprocess, forward, encode; :func:`stage_profile`), per round;
+- **other servers** in the same rounds: the same server on ``torch`` when another backend is
+  measured, and ``--baseline NAME=DIR``: the server of another checkout (e.g. a git worktree of an
+  older commit) on the same model folder and settings.
 
 Ratios (server / bound, server / naive, p99 / time of one full batch) come from this one run,
 in interleaved rounds (bound, then each level against both servers), medians over rounds.
@@ -18,8 +23,10 @@ server that keeps every core busy shows about the machine's core count there. Th
 with its own defaults for batching unless ``--batch-size`` / ``--max-wait-ms`` are given. The
 load average before and after, and the CPU model and flags, go into the JSON.
 
-    python bench/serve.py                       # random-weight ssole_resnet18 at 224 px, CPU
+    python bench/serve.py                       # random-weight ssole_resnet18 at 224 px, CPU, auto
     python bench/serve.py --backend onnx-int8   # and the same server on torch, in the same rounds
+    python bench/serve.py --profile-only --backend torch --forward-batches 8 64
+    python bench/serve.py --baseline old=/tmp/old-main   # after: git worktree add /tmp/old-main REV
     python bench/serve.py --device cuda --batch-size 64 --requests 2048
 """
 
