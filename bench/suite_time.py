@@ -5,7 +5,9 @@ there with this environment's Python (``PYTHONPATH`` points at the worktree, so 
 runs): the test command of its Makefile, without the prerequisites ``venv`` and ``datasets``, which
 are already satisfied here. Runs alternate (this checkout, baseline, this checkout, ...) and the table
 gives each one's wall time, its test counts and the load average around it, then the median ratio.
-Run it on an idle machine, with nothing else running::
+Before each run it waits (``--settle``) until the 1-minute load average has fallen below a bound,
+so that no run starts in the previous one's load. Run it on an idle machine, with nothing else
+running::
 
     python bench/suite_time.py --baseline 5995b10 --repeats 1
 """
@@ -53,11 +55,22 @@ def _sigint_as_in_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def run_suite(worktree: Path) -> dict[str, Any]:
-    """Run the worktree's test command once; wall seconds, counts, exit status and load."""
+def settle(bound: float, limit_s: float = 600.0) -> float:
+    """Wait until the 1-minute load average is below ``bound`` (at most ``limit_s``); returns
+    the seconds waited."""
+    start = time.perf_counter()
+    while load_average()[0] >= bound and time.perf_counter() - start < limit_s:
+        time.sleep(5)
+    return round(time.perf_counter() - start, 1)
+
+
+def run_suite(worktree: Path, settle_below: float) -> dict[str, Any]:
+    """Run the worktree's test command once, after :func:`settle`; wall seconds, counts, exit
+    status, the wait and the load."""
     command = test_command(worktree)
     env = {**os.environ, "PYTHONPATH": str(worktree)}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    waited = settle(settle_below)
     before = load_average()
     start = time.perf_counter()
     done = subprocess.run(
@@ -81,6 +94,7 @@ def run_suite(worktree: Path) -> dict[str, Any]:
         "failed_tests": [
             line for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))
         ],
+        "settle_waited_s": waited,
         "load_average_before": before,
         "load_average_after": load_average(),
     }
@@ -101,9 +115,16 @@ def main() -> None:
     p.add_argument("--baseline", default="5995b10", help="the commit to compare with")
     p.add_argument("--commit", default="HEAD", help="the commit to measure")
     p.add_argument("--repeats", type=int, default=1, help="runs of each, interleaved")
+    p.add_argument(
+        "--settle", type=float, default=0.5, metavar="LOAD",
+        help="before each run, wait (up to 10 minutes) for a 1-minute load average below LOAD",
+    )  # fmt: skip
     p.add_argument("--out", default=str(REPO / "bench/results/suite_time.json"))
     args = p.parse_args()
-    record = {"machine": machine_record(), "baseline": args.baseline, "commit": args.commit}
+    record = {
+        "machine": machine_record(), "baseline": args.baseline, "commit": args.commit,
+        "settle_below": args.settle,
+    }  # fmt: skip
     runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "commit": []}
     with tempfile.TemporaryDirectory() as tmp:
         trees = {  # this checkout first: a test command that cannot start fails at once
@@ -113,7 +134,7 @@ def main() -> None:
         for r in range(args.repeats):
             for name, tree in trees.items():
                 print(f"repeat {r + 1}/{args.repeats}: {name} ({tree.name}) ...", flush=True)
-                runs[name].append(run_suite(tree))
+                runs[name].append(run_suite(tree, args.settle))
         for tree in trees.values():
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO)
     record["runs"] = runs

@@ -44,7 +44,7 @@ def _args(tmp_path: Path, *extra: str) -> list[str]:
 def test_every_method_has_a_grid_of_the_same_size_centred_on_its_recipe():
     grids = {m: sweep.sweep_grid(m) for m in METHODS}
     sizes = {m: len(g) for m, g in grids.items()}
-    assert len(set(sizes.values())) == 1 and sizes["ssole"] == 12, sizes
+    assert len(set(sizes.values())) == 1 and sizes["ssole"] == 14, sizes
     for method, grid in grids.items():
         names = [p.name for p in grid]
         assert names[0] == "base" and len(set(names)) == len(names), names
@@ -85,7 +85,7 @@ def test_dry_run_lists_every_run_with_its_exact_overrides_and_trains_nothing(tmp
     assert sweep.main(["--method", "barlowtwins", "--dry-run", *_args(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "barlowtwins_lambda=0.0025" in out and "optim.lr=0.2 " in out
-    assert "12 points x 3 seeds (42, 1, 2) = 36 runs" in out
+    assert "14 points x 3 seeds (42, 1, 2) = 42 runs" in out
     assert "knn.every_epochs=0" in out and "data.max_images=32" in out
     assert "method=barlowtwins" in out  # the config's own method is SSOLE
     assert not (tmp_path / "results.json").exists() and not (tmp_path / "work").exists()
