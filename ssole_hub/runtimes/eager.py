@@ -81,7 +81,7 @@ def fold_batchnorm(module: nn.Module) -> int:
     """
     try:
         graph = fx.symbolic_trace(module).graph
-    except Exception as e:  # noqa: BLE001 - fx raises many kinds; an untraceable model stays as is
+    except Exception as e:  # fx raises many kinds; an untraceable model stays as it is
         log.debug("BatchNorm not folded: %s does not trace (%s)", type(module).__name__, e)
         return 0
     modules = dict(module.named_modules())

@@ -66,11 +66,19 @@ def test_every_method_has_a_grid_of_the_same_size_centred_on_its_recipe():
     # Each method's own factor is in its grid, with the same number of levels.
     assert {"ssole_lambda=0.3", "ssole_lambda=1"} <= {p.name for p in grids["ssole"]}
     assert {"simclr_temperature=0.1", "simclr_temperature=0.5"} <= {p.name for p in grids["simclr"]}
-    # Every method also tries the paper's SSOLE recipe: SGD, no BatchNorm, lr 0.5, wd 1e-5.
+    # Every method also tries the paper's SSOLE recipe: SGD, no BatchNorm, lr 0.5, wd 1e-5; then
+    # the second round's two points, at 4x its own lr, and 2x with 2 views.
     for method, grid in grids.items():
-        assert grid[-1].name == "recipe=sgd-nobn", method
+        paper = {p.name: p for p in grid}["recipe=sgd-nobn"]
         assert {"optim.name=sgd", "model.projector_batch_norm=false", "optim.lr=0.5",
-                "optim.weight_decay=1e-05"} <= set(grid[-1].overrides()), method  # fmt: skip
+                "optim.weight_decay=1e-05"} <= set(paper.overrides()), method  # fmt: skip
+        lr = dict(grid[0].settings)["optim.lr"]
+        assert [p.name for p in grid[-2:]] == ["lr=x4", "lr=x2+views=2"], method
+        assert dict(grid[-2].settings)["optim.lr"] == pytest.approx(4 * lr)
+        assert (
+            f"optim.lr={2 * lr!r}" in grid[-1].overrides()
+            and "views.num_views=2" in grid[-1].overrides()
+        )
 
 
 def test_points_select_a_subset_in_grid_order_and_unknown_names_fail():
