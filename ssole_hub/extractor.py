@@ -7,7 +7,8 @@ model exactly what it was trained for. The forward pass is
 :class:`ssole_hub.models.SSOLEModel`'s (``backend="torch"``) or OpenVINO's on the folder's ONNX
 files (:class:`ssole_hub.runtimes.openvino.OnnxModel`, ``"onnx"``, ``"onnx-bf16"``, ``"onnx-int8"``),
 called the same way;
-nothing else differs between backends.
+nothing else differs between backends. Compact embeddings (``dimensions``) are made after the
+forward pass, by the hub folder's PCA (:mod:`ssole_hub.pca`), so every backend gives them.
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from ssole_hub.errors import HubFolderError
+from ssole_hub.hub.compact import FIT_COMMAND
 from ssole_hub.hub.decode_check import resize_side
 from ssole_hub.hub.load import (
     guarded_backends,
     load_model,
     load_onnx_model,
+    load_pca,
     reduced_decoding_record,
 )
 from ssole_hub.images import (
@@ -40,6 +44,7 @@ from ssole_hub.images import (
     to_rgb,
 )
 from ssole_hub.models import Output, SSOLEModel, l2_normalize
+from ssole_hub.pca import PCA
 from ssole_hub.preprocessing import resolve_preprocessing
 from ssole_hub.runtimes.backends import (
     TIMING_BATCH,
@@ -100,17 +105,20 @@ class FeatureExtractor:
     """Embeds images with an SSOLE (or any timm) model, preprocessing included.
 
     Build one with :meth:`from_pretrained`, then call :meth:`embed` (or the object itself). Which
-    embedding (``output``: pooled ``"backbone"`` features or ``"projector"`` outputs) and whether
-    to L2-``normalize`` it are chosen per call, so one extractor serves every combination with
-    one copy of the weights. For serving, the two halves are public: :meth:`preprocess_one` /
-    :meth:`preprocess` (thread-safe, CPU: images to tensors) and :meth:`embed_tensor` (the
-    forward pass on a batch).
+    embedding (``output``: pooled ``"backbone"`` features or ``"projector"`` outputs), whether
+    to L2-``normalize`` it and its size (``dimensions``: a compact embedding from the hub
+    folder's fitted PCA, ``ssole-hub fit-pca``) are chosen per call, so one extractor serves
+    every combination with one copy of the weights. For serving, the halves are public:
+    :meth:`preprocess_one` / :meth:`preprocess` (thread-safe, CPU: images to tensors),
+    :meth:`embed_tensor` (the forward pass on a batch) and :meth:`postprocess` (raw forward
+    outputs to the rows asked for).
 
     Example::
 
         fx = FeatureExtractor.from_pretrained("ssole_resnet18.in100_m4", with_projector=True)
         emb = fx.embed(["cat.jpg", "dog.png"])  # (2, 512) float32, rows unit-norm
         raw = fx.embed(["cat.jpg"], output="projector", normalize=False)
+        small = fx.embed(["cat.jpg"], dimensions=128)  # (1, 128), needs a fitted PCA
 
     Attributes:
         model_id: name of the model (what it was loaded from, or its pretrained config's hub id).
@@ -128,6 +136,8 @@ class FeatureExtractor:
             :func:`ssole_hub.images.decode_image` (limits, ``draft_size``).
         decode_check: the hub folder's record of the reduced-decoding guard (figures,
             ``passed``), or ``None`` when it has none.
+        pca: the PCA that gives ``dimensions`` (the hub folder's, or the one given), or
+            ``None``.
     """
 
     def __init__(
@@ -142,10 +152,11 @@ class FeatureExtractor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         fast_decode: bool | None = None,
         decode_check: Mapping[str, Any] | None = None,
+        pca: PCA | None = None,
     ) -> None:
         """Wrap a built model; see :meth:`from_pretrained` for the arguments (``decode_check``:
         the hub folder's record of the reduced-decoding guard, which ``fast_decode=None``
-        follows).
+        follows; ``pca``: a PCA, :func:`ssole_hub.pca.fit_pca`, that gives ``dimensions``).
 
         ``model`` (a timm backbone, an :class:`~ssole_hub.models.SSOLEModel`, or any module with
         ``.backbone`` and ``.projector``) is copied: the extractor runs an eval-mode copy on
@@ -154,7 +165,7 @@ class FeatureExtractor:
 
         Raises:
             ValueError: an :class:`OnnxModel` with a non-CPU device, a dtype below float32 or
-                ``compile``.
+                ``compile``; a ``pca`` of another width than the model's output it applies to.
         """
         self.device = default_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -184,6 +195,30 @@ class FeatureExtractor:
         self.dims: dict[Output, int] = self.model.output_dims
         self._run = torch.compile(self.model) if compile else self.model
         self._set_decoding(fast_decode, decode_check)
+        self.pca: PCA | None = None
+        self._no_pca = f"{self.model_id} has no fitted PCA"
+        if pca is not None:
+            self._use_pca(pca)
+
+    def _use_pca(self, pca: PCA) -> None:
+        width = self.dims.get(pca.output)
+        if width is not None and width != pca.input_dimensions:
+            raise ValueError(
+                f"the PCA applies to {pca.input_dimensions}-d {pca.output} embeddings; this "
+                f"model's are {width}-d"
+            )
+        self.pca = pca
+
+    def _use_folder_pca(self, name: str) -> None:
+        """Take the PCA fitted for the hub folder ``name``, if any. One that cannot be used
+        (damaged, or not this model's) is logged, and ``dimensions`` then says why."""
+        try:
+            pca = load_pca(name)
+            if pca is not None:
+                self._use_pca(pca)
+        except (HubFolderError, ValueError) as exc:
+            self._no_pca = f"the PCA of {name} cannot be used ({exc})"
+            log.warning("%s; embeddings of full size are not affected", self._no_pca)
 
     def _set_decoding(self, fast_decode: bool | None, check: Mapping[str, Any] | None) -> None:
         """Decode JPEGs at a reduced DCT scale (``True``), in full (``False``), or (``None``) at
@@ -244,7 +279,8 @@ class FeatureExtractor:
                 that this model's embeddings of real photos passed the guard at export
                 (:func:`~ssole_hub.hub.decode_check.check_reduced_decoding`); ``True``:
                 always; ``False``: never.
-            backend: what runs the forward pass (preprocessing is the same for all):
+            backend: what runs the forward pass (preprocessing and ``dimensions`` are the same
+                for all):
                 ``"torch"``; ``"onnx"`` / ``"onnx-bf16"`` / ``"onnx-int8"``: OpenVINO on the
                 CPU with the hub folder's ``onnx/model.onnx`` (at float32 / bfloat16
                 precision) or ``onnx/model_int8.onnx`` (written by ``ssole-hub export
@@ -252,6 +288,10 @@ class FeatureExtractor:
                 has and that passed its fidelity check at export, and torch, is loaded and
                 timed on one batch, and the fastest is kept (logged, and in
                 :attr:`backend_timings`; see :func:`ssole_hub.runtimes.backends.fastest_backend`).
+
+        A hub folder's fitted PCA (``ssole-hub fit-pca``) is loaded with it, for
+        ``dimensions``; one that cannot be used is logged and leaves full-size embeddings as
+        they are.
 
         Raises:
             ValueError: a bad ``dtype`` or ``backend``, an ONNX backend for a source that is
@@ -295,6 +335,7 @@ class FeatureExtractor:
                 )  # fmt: skip
         if fast_decode is None:
             fx._log_decoding()
+        fx._use_folder_pca(name)
         return fx
 
     @classmethod
@@ -401,23 +442,92 @@ class FeatureExtractor:
                 f"{', '.join(map(repr, self.dims))}{hint}"
             )
 
+    def check_options(
+        self, output: Output = "backbone", normalize: bool = True, dimensions: int | None = None
+    ) -> int:
+        """Check one call's options before any work; returns the width of the rows they give
+        (``dims[output]``, or ``dimensions``).
+
+        Raises:
+            ValueError: an unavailable ``output``; ``dimensions`` without a fitted PCA, for
+                another output than the PCA's, not an integer, out of its range (1 to
+                ``pca.max_dimensions``) or with ``normalize=False``. The message says how to fit
+                a PCA (``ssole-hub fit-pca``).
+        """
+        self._check_output(output)
+        if dimensions is None:
+            return self.dims[output]
+        pca = self.pca
+        if pca is None:
+            raise ValueError(
+                f"{self._no_pca}, so it has no dimensions={dimensions!r}: its {output} "
+                f"embeddings are {self.dims[output]}-d, and nothing is truncated. Fit a PCA on "
+                f"images like the ones you embed: {FIT_COMMAND} (README, Compact embeddings)"
+            )
+        if output != pca.output:
+            raise ValueError(
+                f"this model's PCA was fitted on {pca.output} embeddings, not {output}: ask "
+                f"output={pca.output!r}, or fit one with {FIT_COMMAND} --output {output}"
+            )
+        try:
+            pca.check_dimensions(dimensions)
+        except ValueError as exc:
+            more = isinstance(dimensions, int) and dimensions > pca.max_dimensions
+            hint = (
+                f"; fitted on {pca.images} images, it has at most {pca.max_dimensions} axes: "
+                f"for more, fit it on more images with {FIT_COMMAND}"
+                if more and pca.max_dimensions < pca.input_dimensions
+                else ""
+            )
+            raise ValueError(f"{exc}{hint}") from None
+        if not normalize:
+            raise ValueError(
+                "compact embeddings (dimensions) are always L2-normalised: leave normalize on"
+            )
+        return dimensions
+
+    def postprocess(
+        self,
+        raw: torch.Tensor,
+        output: Output = "backbone",
+        normalize: bool = True,
+        dimensions: int | None = None,
+    ) -> torch.Tensor:
+        """Turn raw forward outputs ``(n, dims[output])`` into the rows the options ask for:
+        projected by the PCA to ``dimensions`` (unit rows), else L2-normalised if
+        ``normalize``. Float32, on the device of ``raw``.
+
+        Raises:
+            ValueError: as :meth:`check_options`.
+        """
+        self.check_options(output, normalize, dimensions)
+        if dimensions is not None:
+            assert self.pca is not None  # check_options says so
+            return self.pca.transform(raw, dimensions)
+        return l2_normalize(raw) if normalize else raw.float()
+
     @torch.inference_mode()
     def embed_tensor(
-        self, batch: torch.Tensor, output: Output = "backbone", normalize: bool = True
+        self,
+        batch: torch.Tensor,
+        output: Output = "backbone",
+        normalize: bool = True,
+        dimensions: int | None = None,
     ) -> torch.Tensor:
         """Run the model on a preprocessed batch ``(n, 3, H, W)`` (as :meth:`preprocess` makes).
 
         Returns:
-            ``(n, dims[output])`` float32 embeddings on the CPU, L2-normalised if ``normalize``.
+            ``(n, dims[output])`` float32 embeddings on the CPU, L2-normalised if ``normalize``;
+            ``(n, dimensions)`` unit rows with ``dimensions`` (:meth:`postprocess`).
 
         Raises:
-            ValueError: an unavailable ``output``, or a ``batch`` that is not ``(n, 3, H, W)``.
+            ValueError: as :meth:`check_options`, or a ``batch`` that is not ``(n, 3, H, W)``.
         """
-        self._check_output(output)
+        width = self.check_options(output, normalize, dimensions)
         if batch.ndim != 4 or batch.shape[1] != 3:
             raise ValueError(f"batch must be (n, 3, H, W), got {tuple(batch.shape)}")
         if batch.shape[0] == 0:
-            return torch.empty(0, self.dims[output])
+            return torch.empty(0, width)
         x = batch.to(self.device, non_blocking=True)
         if self.backend == "torch":
             # Not for OpenVINO: a torch copy here wakes torch's thread pool, which then spins
@@ -428,7 +538,7 @@ class FeatureExtractor:
         else:
             with torch.autocast(self.device.type, dtype=self.dtype):
                 out = self._run(x, output)
-        return (l2_normalize(out) if normalize else out.float()).cpu()
+        return self.postprocess(out, output, normalize, dimensions).cpu()
 
     def warmup(self, batch_size: int = 1) -> None:
         """Run a forward pass per output on a zero batch (loads kernels, compiles)."""
@@ -444,6 +554,7 @@ class FeatureExtractor:
         *,
         output: Output = "backbone",
         normalize: bool = True,
+        dimensions: int | None = None,
     ) -> torch.Tensor:
         """Embed images of any accepted kind (see :data:`ImageInput`), in input order.
 
@@ -456,18 +567,23 @@ class FeatureExtractor:
             progress: show a progress bar.
             output: ``"backbone"`` (pooled features) or ``"projector"`` (projector outputs).
             normalize: L2-normalise each embedding.
+            dimensions: a compact embedding of this size, from the hub folder's PCA (fitted by
+                ``ssole-hub fit-pca``, for one ``output``): any size from 1 to
+                ``pca.max_dimensions``; always unit rows.
 
         Returns:
-            ``(n, dims[output])`` float32 CPU tensor, row ``i`` for input ``i``.
+            ``(n, dims[output])`` (or ``(n, dimensions)``) float32 CPU tensor, row ``i`` for
+            input ``i``.
 
         Raises:
             ImageDecodeError: (or a subclass) naming the index of the first bad image.
-            ValueError: ``batch_size`` below 1, an unavailable ``output``, or a bad tensor /
-                array input.
+            ValueError: ``batch_size`` below 1, options that :meth:`check_options` refuses
+                (an unavailable ``output``; ``dimensions`` without a fitted PCA or out of its
+                range, with how to fit one), or a bad tensor / array input.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self._check_output(output)
+        width = self.check_options(output, normalize, dimensions)
         items = _as_list(images)
         chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
         out = []
@@ -480,9 +596,9 @@ class FeatureExtractor:
                 batch = pending.result()
                 if k + 1 < len(chunks):
                     pending = pool.submit(self._preprocess, chunks[k + 1], (k + 1) * batch_size)
-                out.append(self.embed_tensor(batch, output, normalize))
+                out.append(self.embed_tensor(batch, output, normalize, dimensions))
                 bar.update(len(batch))
-        return torch.cat(out) if out else torch.empty(0, self.dims[output])
+        return torch.cat(out) if out else torch.empty(0, width)
 
     __call__ = embed
 

@@ -15,6 +15,7 @@ choice in the file's metadata.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -23,10 +24,13 @@ import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-__all__ = ["PCA", "PCA_FILE", "fit_pca"]
+__all__ = ["PCA", "PCA_FILE", "SIZES", "fit_pca"]
 
 PCA_FILE = "pca.safetensors"
 """The file a hub folder keeps its fitted PCA in."""
+SIZES = (512, 256, 128, 64, 32)
+"""The sizes whose figures are recorded and shown (those a PCA offers): any size from 1 to
+:attr:`PCA.max_dimensions` works."""
 _EPS = 1e-12
 
 
@@ -68,6 +72,19 @@ class PCA:
         """Share of the embeddings' total variance that the first ``k`` axes keep."""
         self.check_dimensions(k)
         return float(self.variances[:k].sum() / max(self.total_variance, _EPS))
+
+    def variance_table(self) -> dict[int, float]:
+        """:meth:`variance_kept` at each of :data:`SIZES` it offers, and at its largest size,
+        largest first."""
+        sizes = {k for k in SIZES if k <= self.max_dimensions} | {self.max_dimensions}
+        return {k: self.variance_kept(k) for k in sorted(sizes, reverse=True)}
+
+    def digest(self) -> str:
+        """16 hex digits that change with any of its numbers or its whitening choice."""
+        h = hashlib.sha256(f"{self.whiten} {self.output} {self.total_variance!r}".encode())
+        for array in (self.mean, self.components, self.variances):
+            h.update(np.ascontiguousarray(array, np.float32).tobytes())
+        return h.hexdigest()[:16]
 
     def check_dimensions(self, k: int) -> None:
         """Raise :class:`ValueError` naming the valid range unless ``1 <= k <= max_dimensions``."""

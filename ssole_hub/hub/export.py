@@ -23,6 +23,7 @@ from torch import nn
 from ssole_hub.errors import HubFolderError
 from ssole_hub.file_modes import give_umask_mode
 from ssole_hub.hub.checkpoint import ModelCheckpoint, load_model_checkpoint
+from ssole_hub.hub.compact import FIT_COMMAND, PCA_RECORD, read_pca
 from ssole_hub.hub.decode_check import decoding_record
 from ssole_hub.hub.fetch import local_fetch
 from ssole_hub.hub.folder import (
@@ -43,6 +44,7 @@ from ssole_hub.hub.folder import (
 from ssole_hub.hub.model_card import render_model_card
 from ssole_hub.hub.model_stats import measure_model_stats
 from ssole_hub.models import HUB_ORG
+from ssole_hub.pca import PCA_FILE
 from ssole_hub.runtimes.backends import ONNX_FILES
 from ssole_hub.runtimes.openvino import check_session, open_session
 from ssole_hub.version import __version__
@@ -63,6 +65,8 @@ class HubFolder:
     metadata: dict[str, Any] = field(default_factory=dict)
     eval_results: dict[str, Any] = field(default_factory=dict)
     onnx_files: list[str] = field(default_factory=list)
+    pca: dict[str, Any] | None = None
+    """The record of its fitted PCA (``ssole.json``'s ``"pca"``), or ``None``."""
 
     def __str__(self) -> str:
         proj = (
@@ -74,6 +78,11 @@ class HubFolder:
             f"valid hub folder {self.path}: {self.architecture} (timm {self.timm_architecture}), "
             f"{self.num_features} features, {proj}"
             + (f", ONNX {', '.join(self.onnx_files)}" if self.onnx_files else "")
+            + (
+                f", PCA of {self.pca['output']} to 1..{self.pca['max_dimensions']} dimensions"
+                if self.pca
+                else ""
+            )
         )
 
 
@@ -302,11 +311,25 @@ def _check_onnx_files(path: Path, backbone: nn.Module, projector_config: Any) ->
     return found
 
 
+def _check_pca(path: Path, ssole: dict[str, Any], output_dims: dict[str, int]) -> None:
+    """A fitted PCA (``pca.safetensors``) loads, agrees with its record in ``ssole.json`` and
+    fits the width of the output it was fitted on; a file without a record is refused too."""
+    if ssole.get(PCA_RECORD):
+        read_pca(local_fetch(path), output_dims)
+    elif (path / PCA_FILE).exists():
+        raise HubFolderError(
+            f"{PCA_FILE} is there but {SSOLE_FILE} records no PCA; fit it again with "
+            f"`{FIT_COMMAND}`, or remove the file"
+        )
+
+
 def validate_hub_folder(folder: str | os.PathLike[str]) -> HubFolder:
     """Check a hub folder completely: every file present and readable, ``config.json`` loads in
     timm, the weights fit the architecture (keys and shapes), the projector fits the backbone,
-    the model card has the Hub front matter, and any ONNX files (``onnx/``) load in OpenVINO
-    with the input and output widths the config gives. Returns what it found.
+    the model card has the Hub front matter, any ONNX files (``onnx/``) load in OpenVINO
+    with the input and output widths the config gives, and a fitted PCA (``pca.safetensors``)
+    loads, fits the width of the output it was fitted on and agrees with its record in
+    ``ssole.json``. Returns what it found.
 
     Raises:
         FileNotFoundError: if the folder or one of its files is missing.
@@ -319,8 +342,11 @@ def validate_hub_folder(folder: str | os.PathLike[str]) -> HubFolder:
     ssole = read_json(fetch(SSOLE_FILE), SSOLE_FILE)
     backbone = read_backbone(fetch, f"local-dir:{path}", pretrained=True)
     projector_config = ssole.get("projector_config")
+    output_dims = {"backbone": backbone.num_features}
     if projector_config:
-        read_projector(fetch, backbone.num_features, pretrained=True)
+        projector, _ = read_projector(fetch, backbone.num_features, pretrained=True)
+        output_dims["projector"] = int(projector.config["out_dim"])
+    _check_pca(path, ssole, output_dims)
     card = fetch(MODEL_CARD_FILE).read_text()
     for needle in ("library_name: timm", "pipeline_tag: image-feature-extraction"):
         if needle not in card.split("\n---", 1)[0]:
@@ -335,4 +361,5 @@ def validate_hub_folder(folder: str | os.PathLike[str]) -> HubFolder:
         metadata=dict(ssole.get("metadata") or {}),
         eval_results=dict(ssole.get("eval_results") or {}),
         onnx_files=_check_onnx_files(path, backbone, projector_config),
+        pca=ssole.get(PCA_RECORD) or None,
     )

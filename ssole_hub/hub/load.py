@@ -23,6 +23,7 @@ from torch import nn
 
 from ssole_hub.errors import HubFolderError
 from ssole_hub.hub.checkpoint import load_model_checkpoint
+from ssole_hub.hub.compact import read_pca
 from ssole_hub.hub.fetch import Fetch, check_repo_id, hub_fetch, local_fetch
 from ssole_hub.hub.folder import (
     CHECKPOINT_SUFFIXES,
@@ -40,6 +41,7 @@ from ssole_hub.hub.folder import (
     read_safetensors,
 )
 from ssole_hub.models import SSOLEModel, SSOLEProjector
+from ssole_hub.pca import PCA
 from ssole_hub.runtimes.backends import (
     BACKEND_FILES,
     EXPORT_COMMAND,
@@ -49,7 +51,13 @@ from ssole_hub.runtimes.backends import (
 )
 from ssole_hub.runtimes.openvino import OnnxModel, open_session
 
-__all__ = ["guarded_backends", "load_model", "load_onnx_model", "reduced_decoding_record"]
+__all__ = [
+    "guarded_backends",
+    "load_model",
+    "load_onnx_model",
+    "load_pca",
+    "reduced_decoding_record",
+]
 
 log = logging.getLogger("ssole_hub")
 
@@ -238,6 +246,23 @@ def reduced_decoding_record(model: str | os.PathLike) -> dict[str, Any] | None:
     try:
         return read_json(fetch(SSOLE_FILE), SSOLE_FILE).get("reduced_decoding")
     except FileNotFoundError:
+        return None
+
+
+def load_pca(model: str | os.PathLike) -> PCA | None:
+    """The PCA fitted for ``model`` (a hub folder or ``hf-hub:`` repo whose ``ssole.json``
+    records one, :mod:`ssole_hub.hub.compact`); ``None`` for names, checkpoints and folders
+    without one.
+
+    Raises:
+        HubFolderError: the recorded PCA file is missing, unreadable or not the one recorded.
+    """
+    fetch = _fetch_for(model)
+    if fetch is None:
+        return None
+    try:
+        return read_pca(fetch)
+    except FileNotFoundError:  # no ssole.json
         return None
 
 

@@ -1,6 +1,7 @@
 """The model card (``README.md``) of a hub folder, in the shape of timm's cards: Hub front matter,
 Model Details (size and cost measured at export, paper, dataset, recipe), Usage, Evaluation (the
-results with their protocol) and the citation; :func:`with_onnx_section` adds the ONNX backends."""
+results with their protocol) and the citation; :func:`with_onnx_section` adds the ONNX backends,
+:func:`with_pca_section` the compact embeddings."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from huggingface_hub import ModelCardData
 
 from ssole_hub.hub.model_stats import ModelStats
 
-__all__ = ["SOURCE_REPO", "render_model_card", "with_onnx_section"]
+__all__ = ["SOURCE_REPO", "render_model_card", "with_onnx_section", "with_pca_section"]
 
 SOURCE_REPO = "ssole-hub/ssole-hub"
 """GitHub ``owner/name`` of this project, for the ``torch.hub.load`` example."""
@@ -357,10 +358,10 @@ def _onnx_section(record: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def with_onnx_section(card: str, record: Mapping[str, Any]) -> str:
-    """``card`` with its ONNX backends section (the backends and fidelity figures of ``record``,
-    the ``"onnx"`` entry of ``ssole.json``) written or replaced, at the end of the usage."""
-    for heading in (ONNX_SECTION, *OLD_ONNX_SECTIONS):
+def _with_section(card: str, section: str, headings: tuple[str, ...]) -> str:
+    """``card`` with ``section`` in place of any section under one of ``headings`` (each up to
+    the next ``##`` or ``###`` heading), at the end of the usage."""
+    for heading in headings:
         start = card.find(heading + "\n")
         if start >= 0:
             ends = [card.find(h, start + len(heading)) for h in ("\n## ", "\n### ")]
@@ -368,4 +369,51 @@ def with_onnx_section(card: str, record: Mapping[str, Any]) -> str:
             card = card[:start] + (card[end + 1 :] if end >= 0 else "")
     anchors = [card.find(h) for h in ("## Evaluation", "## Citation")]
     anchor = next((a for a in anchors if a >= 0), len(card))
-    return card[:anchor] + _onnx_section(record) + card[anchor:]
+    return card[:anchor] + section + card[anchor:]
+
+
+def with_onnx_section(card: str, record: Mapping[str, Any]) -> str:
+    """``card`` with its ONNX backends section (the backends and fidelity figures of ``record``,
+    the ``"onnx"`` entry of ``ssole.json``) written or replaced, at the end of the usage."""
+    return _with_section(card, _onnx_section(record), (ONNX_SECTION, *OLD_ONNX_SECTIONS))
+
+
+PCA_SECTION = "### Compact embeddings"
+
+
+def _pca_section(record: Mapping[str, Any]) -> str:
+    whitening = "with whitening" if record.get("whiten") else "without whitening"
+    lines = [
+        PCA_SECTION,
+        "",
+        f"`pca.safetensors` holds a PCA of the {record.get('input_dimensions', '?')}-d"
+        f" `{record.get('output', '?')}` embeddings, fitted on {record.get('images', '?')} images"
+        f" with `ssole-hub fit-pca`, {whitening}. Any size from 1 to"
+        f" {record.get('max_dimensions', '?')} can be asked for with `dimensions`; each vector is"
+        " projected on the first principal axes and L2-normalised. The variance each size keeps"
+        " (share of the embeddings' total variance, on the images it was fitted on):",
+        "",
+        "| dimensions | variance kept | bytes per image (float32) |",
+        "| ---: | ---: | ---: |",
+    ]
+    for size, share in (record.get("variance_kept") or {}).items():
+        lines.append(f"| {size} | {100 * float(share):.1f}% | {4 * int(size)} |")
+    lines += [
+        "",
+        "```python",
+        "from ssole_hub import FeatureExtractor",
+        "",
+        'fx = FeatureExtractor.from_pretrained("local-dir:FOLDER")',
+        'emb = fx.embed(["photo.jpg"], dimensions=128)  # (1, 128), unit rows',
+        "```",
+        "",
+        "Over HTTP (`python -m server`), `dimensions` is OpenAI's field of `/v1/embeddings`.",
+    ]
+    return "\n".join(lines) + "\n\n"
+
+
+def with_pca_section(card: str, record: Mapping[str, Any]) -> str:
+    """``card`` with its compact embeddings section (the ``"pca"`` entry of ``ssole.json``:
+    output, images, whitening, the variance kept at each size) written or replaced, at the end
+    of the usage."""
+    return _with_section(card, _pca_section(record), (PCA_SECTION,))
