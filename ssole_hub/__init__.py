@@ -11,6 +11,7 @@ downloadable (:func:`ssole_hub.hub.fetch.fail_fast_timm_downloads`): plain
 """
 
 from ssole_hub.errors import HubFolderError
+from ssole_hub.extract.compact import fit_hub_pca
 from ssole_hub.extract.dataset import extract_dataset
 from ssole_hub.extract.output import read_embeddings
 from ssole_hub.extractor import FeatureExtractor
@@ -29,10 +30,12 @@ from ssole_hub.images import (
 )
 from ssole_hub.loss import SSOLELoss, SSOLELossParts, nuclear_norm, ssole_loss
 from ssole_hub.models import Output, SSOLEModel, SSOLEProjector, l2_normalize
+from ssole_hub.pca import PCA, fit_pca
 from ssole_hub.preprocessing import Preprocessing, resolve_preprocessing
 from ssole_hub.version import __version__
 
 __all__ = [
+    "PCA",
     "ConversionError",
     "CorruptImageError",
     "FeatureExtractor",
@@ -54,6 +57,8 @@ __all__ = [
     "export_hub_folder",
     "export_onnx",
     "extract_dataset",
+    "fit_hub_pca",
+    "fit_pca",
     "l2_normalize",
     "load_model",
     "nuclear_norm",

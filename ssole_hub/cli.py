@@ -38,8 +38,8 @@ def _subcommand(sub: argparse._SubParsersAction, name: str, **kwargs: Any) -> An
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ssole-hub",
-        description="Export, convert, validate and publish SSOLE hub folders, and embed whole datasets "
-        "(also python -m ssole_hub).",
+        description="Export, convert, validate and publish SSOLE hub folders, embed whole datasets "
+        "and fit the PCA behind compact embeddings (also python -m ssole_hub).",
         formatter_class=_ShowDefaults,
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +47,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_validate_and_push(sub)
     _add_engine_options(_add_extract(sub))
+    _add_engine_options(_add_fit_pca(sub))
     return parser
 
 
@@ -207,13 +208,14 @@ def _add_extract(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="which embedding to write: backbone features or projector outputs",
     )
     p.add_argument("--no-normalize", action="store_true", help="keep raw (not unit-norm) rows")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument(
-        "--workers",
+        "--dimensions",
         type=int,
         default=None,
-        help="decoding processes per rank (default: the rank's CPU cores, at most 8)",
+        help="write compact embeddings of this size, from the PCA fitted for the model "
+        "(ssole-hub fit-pca; unit rows); default: the full embedding",
     )
+    _add_reading_options(p)
     p.add_argument(
         "--shard-size",
         type=int,
@@ -229,6 +231,54 @@ def _add_extract(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="show no progress bar")
     _add_compute_options(p)
     p.set_defaults(func=_extract)
+    return p
+
+
+def _add_reading_options(p: argparse.ArgumentParser) -> None:
+    """How ``extract`` and ``fit-pca`` feed the model: batch size, decoding workers, progress."""
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="decoding processes per rank (default: the rank's CPU cores, at most 8)",
+    )
+
+
+def _add_fit_pca(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = _subcommand(
+        sub,
+        "fit-pca",
+        help="fit the PCA behind compact embeddings (dimensions) on your images and write it "
+        "into a hub folder (pca.safetensors, ssole.json, the card)",
+    )
+    p.add_argument("folder", help="the hub folder (ONNX files and all stay as they are)")
+    p.add_argument(
+        "--input",
+        required=True,
+        nargs="+",
+        help="images like the ones the model will embed, more than the largest size wanted: "
+        "a folder, a text file of image paths, or webdataset .tar / .parquet files",
+    )
+    p.add_argument(
+        "--image-column", default=None, help="parquet: the image column; tar: the image suffix"
+    )
+    p.add_argument("--id-column", default=None, help="parquet: the id column (default: id)")
+    p.add_argument(
+        "--output",
+        choices=("backbone", "projector"),
+        default="backbone",
+        help="the embedding the PCA applies to",
+    )
+    p.add_argument(
+        "--whiten",
+        action="store_true",
+        help="PCA-whitening: scale each axis to unit variance before the final normalisation",
+    )
+    _add_reading_options(p)
+    p.add_argument("--no-progress", action="store_true", help="show no progress bar")
+    _add_compute_options(p)
+    p.set_defaults(func=_fit_pca)
     return p
 
 
@@ -471,10 +521,9 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
-def _extract(args: argparse.Namespace) -> int:
-    from ssole_hub.extract.dataset import extract_dataset
-    from ssole_hub.extract.resume import summary
-
+def _extraction_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options ``extract`` and ``fit-pca`` pass on to the extraction: reading, compute,
+    engine and decoder limits."""
     limits = {
         k: v
         for k, v in (("max_bytes", args.max_bytes), ("max_pixels", args.max_pixels))
@@ -488,16 +537,9 @@ def _extract(args: argparse.Namespace) -> int:
     backend = args.backend
     if backend == "auto" and (args.compile or args.dtype not in ("auto", "float32")):
         backend = "torch"  # what the user asked for runs on torch only
-    manifest = extract_dataset(
-        args.model,
-        args.input[0] if len(args.input) == 1 else args.input,
-        args.out,
+    return dict(
         batch_size=args.batch_size,
         num_workers=args.workers,
-        shard_size=args.shard_size,
-        file_format=args.format,
-        output=args.output,
-        normalize=not args.no_normalize,
         device=args.device,
         dtype=args.dtype,
         compile=args.compile,
@@ -510,8 +552,44 @@ def _extract(args: argparse.Namespace) -> int:
         **ray_options,
         **limits,
     )
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from ssole_hub.extract.dataset import extract_dataset
+    from ssole_hub.extract.resume import summary
+
+    manifest = extract_dataset(
+        args.model,
+        args.input[0] if len(args.input) == 1 else args.input,
+        args.out,
+        shard_size=args.shard_size,
+        file_format=args.format,
+        output=args.output,
+        normalize=not args.no_normalize,
+        dimensions=args.dimensions,
+        **_extraction_options(args),
+    )
     if "num_embedded" in manifest:  # rank 0 (or a single process) has the whole picture
         print(summary(manifest, args.out))
+    return 0
+
+
+def _fit_pca(args: argparse.Namespace) -> int:
+    from ssole_hub.extract.compact import fit_hub_pca
+
+    pca = fit_hub_pca(
+        args.folder,
+        args.input[0] if len(args.input) == 1 else args.input,
+        output=args.output,
+        whiten=args.whiten,
+        **_extraction_options(args),
+    )
+    kept = ", ".join(f"{k}: {100 * v:.1f}%" for k, v in pca.variance_table().items())
+    print(
+        f"fitted a PCA of the {pca.input_dimensions}-d {pca.output} embeddings of {pca.images} "
+        f"images{' with whitening' if pca.whiten else ''} into {args.folder}: dimensions 1 to "
+        f"{pca.max_dimensions}; variance kept {kept}"
+    )
     return 0
 
 

@@ -51,6 +51,7 @@ def extract_dataset(
     file_format: FileFormat = "npy",
     output: Output = "backbone",
     normalize: bool = True,
+    dimensions: int | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
     compile: bool = False,
@@ -84,7 +85,9 @@ def extract_dataset(
         shard_size: images per output shard for image files (the unit of resumption); a tar or
             parquet file is one shard.
         file_format: ``"npy"``, ``"safetensors"`` or ``"parquet"``.
-        output, normalize: as :meth:`FeatureExtractor.embed`.
+        output, normalize, dimensions: as :meth:`FeatureExtractor.embed` (``dimensions``: a
+            compact embedding from the model's fitted PCA, ``ssole-hub fit-pca``); recorded in
+            the manifest and part of the fingerprint.
         device, dtype, compile: as :meth:`FeatureExtractor.from_pretrained`; under ``torchrun``
             the default device is ``cuda:LOCAL_RANK`` when CUDA is available. The Ray engine's
             workers use their own GPU when they are given one.
@@ -107,7 +110,8 @@ def extract_dataset(
         on ranks other than 0, a summary of this rank's work.
 
     Raises:
-        ValueError: bad arguments, no images, or ``out_dir`` holds shards of a different
+        ValueError: bad arguments (``dimensions`` the model has no PCA for, with how to fit
+            one), no images, or ``out_dir`` holds shards of a different
             extraction (see :func:`~ssole_hub.extract.resume.fingerprint`). An input file that cannot be read is not an
             error: it is listed in ``_errors.jsonl`` and the manifest's ``failed_inputs``.
         FileNotFoundError: ``inputs`` or the model does not exist.
@@ -119,7 +123,7 @@ def extract_dataset(
     source = open_input(
         inputs, shard_size=shard_size, image_column=image_column, id_column=id_column
     )
-    options = Options(output, normalize, file_format)
+    options = Options(output, normalize, file_format, dimensions)
     if backend == "auto":  # a resumed run keeps the backend of its finished shards
         backend = earlier_backend(Path(out_dir)) or backend
     load = dict(

@@ -155,10 +155,7 @@ def extract_plain(
             if device is None and torch.cuda.is_available():
                 device = f"cuda:{local_rank}"
             fx = _extractor(model, device, load, world)
-        if options.output not in fx.dims:
-            raise ValueError(
-                f"output {options.output!r} is not available; the model has {list(fx.dims)}"
-            )
+        fx.check_options(options.output, options.normalize, options.dimensions)
         run_fingerprint = fingerprint(fx, options, source)
         mine = list(range(rank, source.num_shards, world))
         pending = resumable_shards(
@@ -218,14 +215,16 @@ def _run_shards(
         prefetch_factor=4 if num_workers > 0 else None,
     )
     total = sum(len(source.ids(k)) for k in pending) if isinstance(source, ImageFiles) else None
-    dim = fx.dims[options.output]
+    dim = fx.check_options(options.output, options.normalize, options.dimensions)
     ids, emb, errors = [], [], []
     with tqdm(total=total, disable=not progress, unit="img", desc="extract") as bar:
         for k, last, count, batch_ids, images, batch_errors, failure in loader:
             ids += batch_ids
             errors += batch_errors
             if batch_ids:
-                emb.append(fx.embed_tensor(images, options.output, options.normalize))
+                emb.append(
+                    fx.embed_tensor(images, options.output, options.normalize, options.dimensions)
+                )
             bar.update(count)
             if not last:
                 continue

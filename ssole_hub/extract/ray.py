@@ -89,7 +89,7 @@ class Embedder:
         image_column: the image column, or several to try in order (the first non-empty cell of
             a row is used; e.g. a webdataset's ``("jpg", "png")``). These columns are dropped
             from the output.
-        output, normalize: as :meth:`FeatureExtractor.embed`.
+        output, normalize, dimensions: as :meth:`FeatureExtractor.embed`.
         device: default: the actor's GPU when Ray gave it one, else the CPU.
         threads: decoding threads, and the forward pass's threads on a CPU; default: torch's
             (in a Ray actor, the CPUs it reserved: Ray sets ``OMP_NUM_THREADS``).
@@ -104,6 +104,7 @@ class Embedder:
         image_column: str | Sequence[str] = "image",
         output: Output = "backbone",
         normalize: bool = True,
+        dimensions: int | None = None,
         device: torch.device | str | None = None,
         threads: int | None = None,
         **load: Any,
@@ -116,6 +117,8 @@ class Embedder:
         self.image_columns = (image_column,) if isinstance(image_column, str) else image_column
         self.output = output
         self.normalize = normalize
+        self.dimensions = dimensions
+        self.width = self.fx.check_options(output, normalize, dimensions)
         self.decoders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode")
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
@@ -140,10 +143,11 @@ class Embedder:
 
     def _embed(self, done: list[torch.Tensor | Exception]) -> np.ndarray:
         good = [i for i, x in enumerate(done) if isinstance(x, torch.Tensor)]
-        emb = np.zeros((len(done), self.fx.dims[self.output]), np.float32)
+        emb = np.zeros((len(done), self.width), np.float32)
         if good:
             tensors = torch.stack([done[i] for i in good])
-            emb[good] = self.fx.embed_tensor(tensors, self.output, self.normalize).numpy()
+            asked = (self.output, self.normalize, self.dimensions)
+            emb[good] = self.fx.embed_tensor(tensors, *asked).numpy()
         return emb
 
     async def __call__(self, batch: dict[str, np.ndarray]) -> AsyncIterator[dict[str, np.ndarray]]:
@@ -336,7 +340,7 @@ def _shard_writer(
 ) -> Callable[[int, _ShardRows], None]:
     """``write(k, rows)``: write shard ``k`` from its rows as they came from the actors (a failed
     one as failed; image files Ray's reader skipped as missing)."""
-    dim = fx.dims[options.output]
+    dim = fx.check_options(options.output, options.normalize, options.dimensions)
 
     def write(k: int, shard: _ShardRows) -> None:
         name, file_format = source.shard_names[k], options.file_format
@@ -413,6 +417,7 @@ def extract_with_ray(
         fx = FeatureExtractor.from_pretrained(model, device="cpu", **driver_load)
         # ``auto`` on CPU actors: timed once, here, so that every actor runs the same backend.
         load = {**load, "backend": fx.backend}
+        fx.check_options(options.output, options.normalize, options.dimensions)
         run_fingerprint = fingerprint(fx, options, source)
         shards = list(range(source.num_shards))
         pending = resumable_shards(out, shards, options, run_fingerprint, source)
@@ -460,9 +465,10 @@ def _embedded_rows(
     embedder = dict(
         model=model, image_column=columns, output=options.output, threads=actors.threads
     )
+    asked = {"normalize": options.normalize, "dimensions": options.dimensions}
     ds = ds.map_batches(
         Embedder,
-        fn_constructor_kwargs={**embedder, "normalize": options.normalize, **kwargs},
+        fn_constructor_kwargs={**embedder, **asked, **kwargs},
         batch_size=batch_size,
         batch_format="numpy",
         num_gpus=actors.gpus,

@@ -21,23 +21,27 @@ from ssole_hub.extract.output import (
 )
 from ssole_hub.extractor import FeatureExtractor
 from ssole_hub.models import Output
+from ssole_hub.pca import PCA
 from ssole_hub.version import __version__
 
 __all__ = ["Options", "fingerprint", "manifest_header", "resumable_shards", "summary"]
 
 
 class Options(NamedTuple):
-    """What a run writes, besides the model: part of its fingerprint."""
+    """What a run writes, besides the model: part of its fingerprint (``dimensions``: a compact
+    embedding of that size from the model's PCA, see :meth:`FeatureExtractor.embed`)."""
 
     output: Output
     normalize: bool
     file_format: FileFormat
+    dimensions: int | None = None
 
 
 def fingerprint(fx: FeatureExtractor, options: Options, source: InputSource) -> str:
     """What a run's shards must share to be resumed together: model, backend, preprocessing,
-    options (output, normalize, file format) and how the input is read (its kind, the tar image
-    suffix or parquet columns; for image files the whole path list and shard size).
+    options (output, normalize, file format, and ``dimensions`` with the PCA that gives them) and
+    how the input is read (its kind, the tar image suffix or parquet columns; for image files
+    the whole path list and shard size).
 
     Which tar or parquet files are read is not part of it: each shard's marker names its input
     file instead (:func:`ssole_hub.extract.output.check_output`), so a re-run resumes after an
@@ -54,6 +58,8 @@ def fingerprint(fx: FeatureExtractor, options: Options, source: InputSource) -> 
         "file_format": options.file_format,
         "input": source.fingerprint(),
     }
+    if options.dimensions is not None:  # absent otherwise: earlier runs' fingerprints hold
+        run.update(dimensions=options.dimensions, pca=fx.pca.digest() if fx.pca else None)
     return hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -104,12 +110,17 @@ def manifest_header(
     run_fingerprint: str,
     **engine: Any,
 ) -> dict[str, Any]:
-    """The manifest's description of a run (``engine``: how it ran, e.g. ``world_size``)."""
+    """The manifest's description of a run (``engine``: how it ran, e.g. ``world_size``);
+    ``dim`` is the rows' width, ``dimensions`` the compact size asked for (with its ``pca``:
+    digest, images, whitening, variance kept), or ``None``."""
+    pca = fx.pca if options.dimensions is not None else None
     return {
         "model_id": fx.model_id,
         "output": options.output,
         "normalize": options.normalize,
-        "dim": fx.dims[options.output],
+        "dim": fx.check_options(options.output, options.normalize, options.dimensions),
+        "dimensions": options.dimensions,
+        **({"pca": _pca_summary(pca, options.dimensions)} if pca else {}),
         "dtype": "float32",
         "compute_dtype": str(fx.dtype).removeprefix("torch."),
         "backend": fx.backend,
@@ -121,6 +132,15 @@ def manifest_header(
         **engine,
         "fingerprint": run_fingerprint,
         "ssole_hub_version": __version__,
+    }
+
+
+def _pca_summary(pca: PCA, k: int) -> dict[str, Any]:
+    return {
+        "digest": pca.digest(),
+        "images": pca.images,
+        "whiten": pca.whiten,
+        "variance_kept": round(pca.variance_kept(k), 4),
     }
 
 
