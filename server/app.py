@@ -26,6 +26,8 @@ from server.metrics import CONTENT_TYPE_LATEST
 from server.middleware import BodyCheck, CORSPolicy, RequestMetrics
 from server.outputs import embeddings_body
 from server.schemas import (
+    DIMENSIONS_HELP,
+    CompactSizes,
     EmbeddingRequest,
     EmbeddingResponse,
     EncodingFormat,
@@ -153,7 +155,7 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "content": {"application/json": {"example": error_body(desc, "...", "...")}},
     }
     for code, desc in [
-        (400, "bad image, bad base64 or malformed body"),
+        (400, "bad image, bad base64, malformed body, or dimensions the model cannot give"),
         (401, "missing or wrong API key"),
         (404, "unknown model"),
         (413, "too many bytes, pixels or images"),
@@ -194,6 +196,7 @@ async def create_embeddings(request: Request, body: EmbeddingRequest) -> Respons
         names,
         output=body.output,
         normalize=body.normalize,
+        dimensions=body.dimensions,
     )
     return embedding_response(service, embedded, body.encoding_format)
 
@@ -212,6 +215,7 @@ async def upload_embeddings(
     encoding_format: Annotated[EncodingFormat, Form()] = "float",
     normalize: Annotated[bool, Form()] = True,
     output: Annotated[Output | None, Form()] = None,
+    dimensions: Annotated[int | None, Form(description=DIMENSIONS_HELP)] = None,
 ) -> Response:
     """Embed images uploaded as multipart ``files`` parts; same options and response."""
     service = get_service(request)
@@ -224,6 +228,7 @@ async def upload_embeddings(
         names,
         output=output,
         normalize=normalize,
+        dimensions=dimensions,
     )
     return embedding_response(service, embedded, encoding_format)
 
@@ -246,6 +251,9 @@ async def list_models(request: Request) -> ModelList:
         backend=service.backend.backend_name if service.backend else None,
         backend_timings=dict(service.backend.backend_timings) if service.backend else {},
         reduced_decoding=service.backend.reduced_decoding if service.backend else None,
+        pca=CompactSizes(**service.backend.pca)
+        if service.backend and service.backend.pca
+        else None,
     )
     return ModelList(data=[card])
 

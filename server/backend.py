@@ -4,20 +4,22 @@
 image is queued; ``infer`` (one forward pass on a batch) runs in the batcher's inference thread.
 Decoding, preprocessing, model loading and normalisation all come from ``ssole_hub``; nothing is
 re-implemented here. The batch key is the output alone: requests that differ only in
-``normalize`` share a forward pass, and each row is normalised (or not) afterwards.
+``normalize`` or ``dimensions`` share a forward pass, and each row is normalised or projected
+(``FeatureExtractor.postprocess``) afterwards.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from server.settings import ServerSettings
-from ssole_hub import FeatureExtractor, Output, l2_normalize
+from ssole_hub import FeatureExtractor, Output
 
 __all__ = [
     "BackendLoader",
@@ -29,8 +31,9 @@ __all__ = [
 
 log = logging.getLogger("server")
 
-Prepared = tuple[torch.Tensor, bool]
-"""One queued item: a preprocessed image ``(3, H, W)`` and whether its embedding is normalised."""
+Prepared = tuple[torch.Tensor, bool, int | None]
+"""One queued item: a preprocessed image ``(3, H, W)``, whether its embedding is normalised, and
+its compact size (``dimensions``, or ``None`` for the full embedding)."""
 
 
 class EmbeddingBackend(Protocol):
@@ -49,6 +52,14 @@ class EmbeddingBackend(Protocol):
     reduced_decoding: bool
     """Whether large JPEGs are decoded at a reduced DCT scale (``ssole_hub``'s guarded
     default), shown by ``/v1/models``."""
+
+    pca: dict[str, Any] | None
+    """The sizes ``dimensions`` offers (output, max_dimensions, whiten, images, variance_kept),
+    shown by ``/v1/models``; ``None`` without a fitted PCA."""
+
+    def check(self, output: Output, normalize: bool, dimensions: int | None) -> None:
+        """Raise ``ValueError`` (saying how to fit a PCA) for options the model cannot give."""
+        ...
 
     def prepare(self, data: bytes) -> torch.Tensor:
         """Decode and preprocess one encoded image; raises ``ssole_hub.images`` errors."""
@@ -80,17 +91,41 @@ class ExtractorBackend:
         self.backend_name: str = extractor.backend
         self.backend_timings: dict[str, float] = dict(extractor.backend_timings)
         self.reduced_decoding = extractor.decode_options["draft_size"] is not None
+        pca = extractor.pca
+        self.pca: dict[str, Any] | None = (
+            None
+            if pca is None
+            else {
+                "output": pca.output,
+                "max_dimensions": pca.max_dimensions,
+                "whiten": pca.whiten,
+                "images": pca.images,
+                "variance_kept": {str(k): round(v, 4) for k, v in pca.variance_table().items()},
+            }
+        )
+
+    def check(self, output: Output, normalize: bool, dimensions: int | None) -> None:
+        """The extractor's own check (:meth:`FeatureExtractor.check_options`)."""
+        self.extractor.check_options(output, normalize, dimensions)
 
     def prepare(self, data: bytes) -> torch.Tensor:
         """Decode ``data`` with the extractor's limits and apply the model's eval transform."""
         return self.extractor.preprocess_one(data)
 
     def infer(self, items: list[Prepared], key: Output) -> list[np.ndarray]:
-        """One forward pass over ``items``; returns one float32 vector per item, in order."""
-        batch = torch.stack([image for image, _ in items])
+        """One forward pass over ``items``, then each group of rows that asked for the same
+        ``normalize`` and ``dimensions`` made as asked; one float32 vector per item, in order."""
+        batch = torch.stack([image for image, *_ in items])
         raw = self.extractor.embed_tensor(batch, key, normalize=False)
-        wanted = torch.tensor([normalize for _, normalize in items]).unsqueeze(1)
-        return list(torch.where(wanted, l2_normalize(raw), raw).numpy())
+        groups: dict[tuple[bool, int | None], list[int]] = defaultdict(list)
+        for i, (_, normalize, dimensions) in enumerate(items):
+            groups[(normalize, dimensions)].append(i)
+        vectors: list[Any] = [None] * len(items)
+        for (normalize, dimensions), rows in groups.items():
+            made = self.extractor.postprocess(raw[rows], key, normalize, dimensions).numpy()
+            for i, vector in zip(rows, made, strict=True):
+                vectors[i] = vector
+        return vectors
 
     def warmup(self, batch_size: int) -> None:
         """Forward passes at batch size 1 and ``batch_size`` for each output served."""

@@ -6,7 +6,9 @@ status      type                     codes
 400         invalid_request_error    invalid_image (damaged/truncated/empty), invalid_base64,
                                      invalid_json, empty_body, output_unavailable, bad_request
                                      (malformed multipart), cors_preflight_refused (an origin,
-                                     method or header that --cors-allow-origin does not allow)
+                                     method or header that --cors-allow-origin does not allow),
+                                     invalid_dimensions (no fitted PCA, a size out of its range,
+                                     or not a whole number, as OpenAI answers it)
 401         authentication_error     invalid_api_key (with ``WWW-Authenticate: Bearer``)
 404         not_found_error          model_not_found (``model`` names another model), not_found
 405         invalid_request_error    method_not_allowed
@@ -137,7 +139,21 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
         return error_response(
             APIError.bad_request("empty_body", "request body is empty; send a JSON object")
         )
+    if errors and all(_field(e) == "dimensions" for e in errors):
+        return error_response(
+            APIError.bad_request(
+                "invalid_dimensions",
+                f"{_validation_message(errors)}: dimensions must be a whole number, from 1 to "
+                "the largest size /v1/models lists (pca.max_dimensions)",
+            )
+        )
     return error_response(APIError(422, "validation_error", _validation_message(errors)))
+
+
+def _field(error: dict[str, Any]) -> str | None:
+    """The body field a validation error is about (JSON key or form field)."""
+    loc = [p for p in error.get("loc", ()) if p != "body"]
+    return str(loc[0]) if loc else None
 
 
 _HTTP_CODES = {

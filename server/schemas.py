@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from ssole_hub.models import Output
 
 __all__ = [
+    "DIMENSIONS_HELP",
+    "CompactSizes",
     "Embedding",
     "EmbeddingRequest",
     "EmbeddingResponse",
@@ -21,6 +23,11 @@ __all__ = [
 ]
 
 EncodingFormat = Literal["float", "base64"]
+DIMENSIONS_HELP = (
+    "OpenAI's `dimensions`: a compact embedding of this many numbers, from the PCA fitted for "
+    "the model (`ssole-hub fit-pca`; its sizes are in /v1/models, `pca`), L2-normalised; "
+    "default: the full embedding. A model without a PCA, or a size out of its range, gets 400"
+)
 
 
 class EmbeddingRequest(BaseModel):
@@ -50,6 +57,8 @@ class EmbeddingRequest(BaseModel):
         description="`backbone` (pooled features) or `projector` (SSOLE projector output); "
         "default set by the server",
     )
+    # Strict: true or "128" would pass as a size otherwise.
+    dimensions: StrictInt | None = Field(default=None, description=DIMENSIONS_HELP)
     user: str | None = Field(default=None, description="ignored; accepted for OpenAI clients")
 
 
@@ -78,6 +87,18 @@ class EmbeddingResponse(BaseModel):
     usage: Usage
 
 
+class CompactSizes(BaseModel):
+    """The sizes that ``dimensions`` can ask for: the model's fitted PCA."""
+
+    output: str = Field(description="the embedding the PCA applies to")
+    max_dimensions: int = Field(description="any size from 1 to this works")
+    whiten: bool = Field(description="whether the PCA whitens (unit variance per axis)")
+    images: int = Field(description="how many images it was fitted on")
+    variance_kept: dict[str, float] = Field(
+        description="share of the embeddings' variance each common size keeps"
+    )
+
+
 class ModelCard(BaseModel):
     """The served model, with its embedding sizes once loaded."""
 
@@ -103,6 +124,10 @@ class ModelCard(BaseModel):
         default=None,
         description="whether large JPEGs are decoded at a reduced DCT scale (on where the "
         "model's hub folder records that it passed the decoding guard at export)",
+    )
+    pca: CompactSizes | None = Field(
+        default=None,
+        description="the sizes `dimensions` offers (the model's PCA); null without one",
     )
 
 

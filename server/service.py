@@ -172,13 +172,19 @@ class EmbeddingService:
         return APIError(503, "model_load_failed", message, type="server_error")
 
     def check_request(
-        self, n_items: int, output: Output | None
+        self,
+        n_items: int,
+        output: Output | None,
+        normalize: bool = True,
+        dimensions: int | None = None,
     ) -> tuple[Output, EmbeddingBackend, DynamicBatcher]:
-        """Check a request's size, output and the queue's room before any decoding; returns the
-        output to compute, the backend and the batcher.
+        """Check a request's size, output, ``dimensions`` and the queue's room before any
+        decoding; returns the output to compute, the backend and the batcher.
 
         Raises:
-            APIError: 503 not ready / queue full, 422 no images, 413 too many, 400 no output.
+            APIError: 503 not ready / queue full, 422 no images, 413 too many, 400 no output or
+                ``dimensions`` the model cannot give (no PCA, out of range: the message says
+                how to fit one).
         """
         backend, batcher = self.ready_parts()
         if n_items == 0:
@@ -195,6 +201,11 @@ class EmbeddingService:
                 f"output {chosen!r} is not available for this model; available: "
                 f"{', '.join(sorted(backend.dimensions))}",
             )
+        if dimensions is not None:
+            try:
+                backend.check(chosen, normalize, dimensions)
+            except ValueError as exc:
+                raise APIError.bad_request("invalid_dimensions", str(exc)) from exc
         try:
             batcher.check_capacity(n_items)
         except QueueFullError as exc:
@@ -213,8 +224,10 @@ class EmbeddingService:
         *,
         output: Output | None,
         normalize: bool,
+        dimensions: int | None = None,
     ) -> Embedded | None:
-        """Decode, queue and embed one request's ``items`` (thunks giving encoded bytes).
+        """Decode, queue and embed one request's ``items`` (thunks giving encoded bytes), as
+        ``output``, ``normalize`` and ``dimensions`` ask.
 
         Returns ``None`` if the client went away before its vectors were computed.
 
@@ -222,10 +235,11 @@ class EmbeddingService:
             APIError: as :meth:`check_request`, or the first bad image's 400 / 413 / 415.
         """
         started = time.perf_counter()
-        chosen, backend, batcher = self.check_request(len(items), output)
+        chosen, backend, batcher = self.check_request(len(items), output, normalize, dimensions)
         images = await self._decode(backend, items, names)
         decode_s = time.perf_counter() - started
-        work = asyncio.ensure_future(batcher.submit([(x, normalize) for x in images], chosen))
+        payloads = [(x, normalize, dimensions) for x in images]
+        work = asyncio.ensure_future(batcher.submit(payloads, chosen))
         gone = asyncio.ensure_future(_wait_for_disconnect(request))
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
