@@ -66,6 +66,26 @@ def photo_jpegs(photos) -> list[bytes]:
     return out
 
 
+CROPS_PER_PHOTO = 25
+"""150 crops in all: more than 129 images, so a PCA fitted on them offers 128 dimensions."""
+
+
+@pytest.fixture(scope="session")
+def photo_crops(photos, tmp_path_factory) -> Path:
+    """A folder of 150 JPEGs: square crops of the real photos at random places and scales
+    (fixed seed), 96 px. Enough images to fit a PCA with 128 dimensions and more."""
+    folder = tmp_path_factory.mktemp("photo-crops")
+    rng = np.random.default_rng(0)
+    for i, img in enumerate(photos):
+        w, h = img.size
+        for j in range(CROPS_PER_PHOTO):
+            side = int(rng.uniform(0.3, 0.9) * min(w, h))
+            x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+            crop = img.crop((x, y, x + side, y + side)).resize((96, 96))
+            crop.save(folder / f"crop{i}-{j:02d}.jpg", quality=90)
+    return folder
+
+
 # The modules that take longest (``pytest --durations``), started first: make test hands whole
 # modules to its two workers in collection order (``--dist loadfile --no-loadscope-reorder``), and
 # a long module handed out last keeps one worker busy while the other waits.

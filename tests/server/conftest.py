@@ -7,6 +7,7 @@ Each server is the real app under a real uvicorn on 127.0.0.1, on a port the OS 
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
@@ -23,7 +24,7 @@ import uvicorn
 from server.app import create_app
 from server.backend import BackendLoader
 from server.settings import ServerSettings
-from ssole_hub import FeatureExtractor, export_hub_folder
+from ssole_hub import FeatureExtractor, export_hub_folder, fit_hub_pca
 from ssole_hub.hub.checkpoint import ModelCheckpoint
 from ssole_hub.models import SSOLEProjector
 
@@ -45,6 +46,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         metadata={"dataset": "test"},
     )
     return export_hub_folder(ckpt, tmp_path_factory.mktemp("models") / "tiny-ssole")
+
+
+@pytest.fixture(scope="session")
+def pca_model_dir(tiny_model_dir, photo_crops, tmp_path_factory) -> Path:
+    """A copy of the tiny model's folder with a PCA of its 512-d backbone embeddings fitted on
+    150 photo crops: ``dimensions`` from 1 to 149."""
+    folder = tmp_path_factory.mktemp("models") / "tiny-ssole-pca"
+    shutil.copytree(tiny_model_dir, folder)
+    fit_hub_pca(folder, photo_crops, progress=False, num_workers=0)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def pca_extractor(pca_model_dir) -> FeatureExtractor:
+    """The offline reference for compact embeddings: the PCA folder's extractor (torch)."""
+    return FeatureExtractor.from_pretrained(pca_model_dir, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="session")
@@ -142,6 +159,14 @@ def make_server(tiny_model) -> Iterator[Callable[..., RunningServer]]:
     yield make
     for srv in running:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def pca_server(make_server, pca_model_dir) -> RunningServer:
+    """A server of the PCA folder (torch backend), batch 8."""
+    return make_server(
+        model=f"local-dir:{pca_model_dir}", backend="torch", max_batch_size=8, max_items=8
+    )
 
 
 @pytest.fixture(scope="session")

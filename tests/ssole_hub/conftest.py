@@ -86,6 +86,21 @@ def hub_folder(checkpoint_path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pca_folder(encoder, photo_crops, tmp_path_factory) -> Path:
+    """``encoder`` exported at 64 px with a PCA of its 512-d backbone embeddings fitted on the
+    150 photo crops (``dimensions`` 1 to 149); treat as read-only, copy to modify."""
+    torch.manual_seed(0)
+    backbone = timm.create_model(
+        "ssole_resnet18", pretrained_cfg_overlay={"input_size": (3, 64, 64), "crop_pct": 1.0}
+    )
+    backbone.load_state_dict(encoder.backbone.state_dict())
+    small = SSOLEModel(backbone, encoder.projector).eval()
+    folder = ssole_hub.export_hub_folder(small, tmp_path_factory.mktemp("pca") / "tiny-pca")
+    ssole_hub.fit_hub_pca(folder, photo_crops, progress=False, num_workers=0, backend="torch")
+    return folder
+
+
+@pytest.fixture(scope="session")
 def hub_photos(photos) -> list:
     """Three of the real photos (colour, grayscale-turned-RGB, astronomy): enough to compare
     features, few enough to keep CPU forward passes short."""

@@ -111,6 +111,22 @@ def test_the_ray_engine_writes_what_the_plain_engine_writes(
         assert pq.read_table(tmp_path / "ray").column("id").to_pylist() == ids
 
 
+def test_the_ray_engine_writes_the_compact_embeddings_of_the_plain_engine(
+    ray_cluster, pca_folder, image_folder, tmp_path
+):
+    common = dict(batch_size=2, shard_size=3, dimensions=64, progress=False)
+    plain = extract_dataset(pca_folder, image_folder, tmp_path / "plain", num_workers=0, **common)
+    ray = extract_dataset(pca_folder, image_folder, tmp_path / "ray", engine="ray", concurrency=1,
+                          **common)  # fmt: skip
+    assert ray["fingerprint"] == plain["fingerprint"]
+    assert (ray["dim"], ray["dimensions"], ray["pca"]) == (64, 64, plain["pca"])
+    emb, ids = read_embeddings(tmp_path / "ray")
+    plain_emb, plain_ids = read_embeddings(tmp_path / "plain")
+    assert ids == plain_ids and emb.shape == (6, 64)
+    np.testing.assert_allclose(emb, plain_emb, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+
+
 _KILLED_RUN = """
 import os, signal, sys
 import ssole_hub.extract.output as output

@@ -67,6 +67,18 @@ def onnx_folder(plain_folder, jpeg_dir, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def onnx_pca_folder(onnx_folder, photo_crops, tmp_path_factory) -> Path:
+    """The folder with both ONNX files and a PCA fitted by ``ssole-hub fit-pca`` on 150 photo
+    crops (backbone, ``dimensions`` 1 to 149)."""
+    folder = tmp_path_factory.mktemp("onnx-pca") / "tiny"
+    shutil.copytree(onnx_folder, folder)
+    argv = ["fit-pca", str(folder), "--input", str(photo_crops), "--backend", "torch",
+            "--workers", "0", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    return folder
+
+
 def _copy(folder: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(folder, tmp_path / folder.name))
 
@@ -462,3 +474,36 @@ def test_opening_a_file_leaves_the_threads_signal_stack_as_it_was(onnx_folder):
         thread.start()
         thread.join()
     assert len(seen) == 2 and all(before == after for before, after in seen)
+
+
+def test_fit_pca_on_a_folder_with_onnx_files_keeps_them(onnx_folder, onnx_pca_folder):
+    for name in ONNX_FILES.values():
+        assert (onnx_pca_folder / name).read_bytes() == (onnx_folder / name).read_bytes()
+    ssole = json.loads((onnx_pca_folder / "ssole.json").read_text())
+    before = json.loads((onnx_folder / "ssole.json").read_text())
+    assert ssole["onnx"] == before["onnx"] and ssole["pca"]["max_dimensions"] == 149
+    card = (onnx_pca_folder / "README.md").read_text()
+    assert card.count("### ONNX backends") == card.count("### Compact embeddings") == 1
+    info = validate_hub_folder(onnx_pca_folder)
+    assert info.onnx_files == list(ONNX_FILES.values()) and info.pca == ssole["pca"]
+    # Exporting the ONNX files again leaves the PCA and its card section alone.
+    again = _copy(onnx_pca_folder, onnx_pca_folder.parent / "again")
+    export_onnx(again)
+    assert validate_hub_folder(again).pca == ssole["pca"]
+    assert (again / "README.md").read_text().count("### Compact embeddings") == 1
+
+
+@pytest.mark.parametrize("backend", ["onnx", "onnx-bf16", "onnx-int8"])
+def test_every_backend_gives_compact_embeddings_within_its_guard(
+    onnx_pca_folder, photo_crops, backend
+):
+    images = sorted(photo_crops.iterdir())[::10]  # 15 crops of the 6 photos
+    reference = _embed_sized(onnx_pca_folder, "torch", images)
+    got = _embed_sized(onnx_pca_folder, backend, images)
+    assert got.shape == reference.shape == (15, 128)
+    assert F.cosine_similarity(got, reference, dim=1).min() >= FIDELITY_LIMITS[backend]
+
+
+def _embed_sized(folder: Path, backend: str, images: list) -> torch.Tensor:
+    fx = FeatureExtractor.from_pretrained(folder, backend=backend, device="cpu")
+    return fx.embed(images, batch_size=8, dimensions=128)
