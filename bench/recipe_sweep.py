@@ -1,7 +1,7 @@
 """Small-data recipe sweep on digits: one method, a one-factor-at-a-time grid around its published
 recipe, several seeds per point, weighted kNN top-1 and RankMe per run.
 
-Every method gets a grid of the same size (14 points) at the digits demo's budget
+Every method gets a grid of the same size (16 points) at the digits demo's budget
 (``training/configs/digits_demo.yaml``: 3 epochs, 64 images x 4 views of 32 px, crops of scale
 (0.4, 1)), centred on the recipe family its peers publish for small models, LARS with a
 BatchNorm projector:
@@ -21,8 +21,9 @@ Around that base, one factor at a time: the optimiser (SGD <-> LARS), the projec
 lambda 2.5e-3/5e-3/1e-2, SimCLR's temperature 0.1/0.2/0.5) and the other family's whole recipe
 (SGD, no BatchNorm, lr 0.5, weight decay 1e-5: the paper's recipe for SSOLE). A second round
 adds the same two points to every grid, past the first round's top lr level (x2, the best or
-second-best point of every method): lr x4, and lr x2 with 2 views. ``optim.final_lr`` is always
-lr / 100.
+second-best point of every method): lr x4, and lr x2 with 2 views. A third round goes one step
+further on both, since lr x4 was SSOLE's best point and lr x2 with 2 views VICReg's: lr x8, and
+lr x4 with 2 views. ``optim.final_lr`` is always lr / 100.
 
 Each run pre-trains through ``training.pretrain.run`` and is evaluated by ``training.evaluate``
 (weighted kNN k=20 T=0.07 on the digits' held-out 20%, RankMe of the train features). Each run's
@@ -159,6 +160,8 @@ def sweep_grid(method: str) -> list[Point]:
         _point(f"recipe={other}", base, **RECIPES[other]),
         _point("lr=x4", base, **{"optim.lr": lr * 4}),
         _point("lr=x2+views=2", base, **{"optim.lr": lr * 2, "views.num_views": 2}),
+        _point("lr=x8", base, **{"optim.lr": lr * 8}),
+        _point("lr=x4+views=2", base, **{"optim.lr": lr * 4, "views.num_views": 2}),
     ]  # fmt: skip
     return grid
 

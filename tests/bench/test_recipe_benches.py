@@ -44,7 +44,7 @@ def _args(tmp_path: Path, *extra: str) -> list[str]:
 def test_every_method_has_a_grid_of_the_same_size_centred_on_its_recipe():
     grids = {m: sweep.sweep_grid(m) for m in METHODS}
     sizes = {m: len(g) for m, g in grids.items()}
-    assert len(set(sizes.values())) == 1 and sizes["ssole"] == 14, sizes
+    assert len(set(sizes.values())) == 1 and sizes["ssole"] == 16, sizes
     for method, grid in grids.items():
         names = [p.name for p in grid]
         assert names[0] == "base" and len(set(names)) == len(names), names
@@ -67,18 +67,20 @@ def test_every_method_has_a_grid_of_the_same_size_centred_on_its_recipe():
     assert {"ssole_lambda=0.3", "ssole_lambda=1"} <= {p.name for p in grids["ssole"]}
     assert {"simclr_temperature=0.1", "simclr_temperature=0.5"} <= {p.name for p in grids["simclr"]}
     # Every method also tries the paper's SSOLE recipe: SGD, no BatchNorm, lr 0.5, wd 1e-5; then
-    # the second round's two points, at 4x its own lr, and 2x with 2 views.
+    # the second round's two points, at 4x its own lr, and 2x with 2 views; the third round's,
+    # at 8x, and 4x with 2 views.
     for method, grid in grids.items():
         paper = {p.name: p for p in grid}["recipe=sgd-nobn"]
         assert {"optim.name=sgd", "model.projector_batch_norm=false", "optim.lr=0.5",
                 "optim.weight_decay=1e-05"} <= set(paper.overrides()), method  # fmt: skip
         lr = dict(grid[0].settings)["optim.lr"]
-        assert [p.name for p in grid[-2:]] == ["lr=x4", "lr=x2+views=2"], method
-        assert dict(grid[-2].settings)["optim.lr"] == pytest.approx(4 * lr)
-        assert (
-            f"optim.lr={2 * lr!r}" in grid[-1].overrides()
-            and "views.num_views=2" in grid[-1].overrides()
-        )
+        names = ["lr=x4", "lr=x2+views=2", "lr=x8", "lr=x4+views=2"]
+        assert [p.name for p in grid[-4:]] == names, method
+        for point, (scale, views) in zip(grid[-4:], [(4, 4), (2, 2), (8, 4), (4, 2)], strict=True):
+            settings = dict(point.settings)
+            assert settings["optim.lr"] == pytest.approx(scale * lr), (method, point.name)
+            assert settings["views.num_views"] == views, (method, point.name)
+            assert f"optim.final_lr={settings['optim.lr'] / 100!r}" in point.overrides()
 
 
 def test_points_select_a_subset_in_grid_order_and_unknown_names_fail():
@@ -93,7 +95,7 @@ def test_dry_run_lists_every_run_with_its_exact_overrides_and_trains_nothing(tmp
     assert sweep.main(["--method", "barlowtwins", "--dry-run", *_args(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "barlowtwins_lambda=0.0025" in out and "optim.lr=0.2 " in out
-    assert "14 points x 3 seeds (42, 1, 2) = 42 runs" in out
+    assert "16 points x 3 seeds (42, 1, 2) = 48 runs" in out
     assert "knn.every_epochs=0" in out and "data.max_images=32" in out
     assert "method=barlowtwins" in out  # the config's own method is SSOLE
     assert not (tmp_path / "results.json").exists() and not (tmp_path / "work").exists()
