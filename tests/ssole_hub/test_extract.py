@@ -191,51 +191,37 @@ def test_a_killed_run_resumes_skipping_finished_shards(
 
 
 @pytest.mark.slow
-def test_two_rank_torchrun_equals_one_process(clean_run, hub_folder, image_dir, tmp_path, zygote):
-    """torchrun (its launcher a child of the zygote, ``tests/zygote.py``) starts two new ranks."""
-    out = tmp_path / "out"
-    args = ["--nproc_per_node", "2", "--standalone", "-m", "ssole_hub", "extract", "--model"]
-    args += [str(hub_folder), "--input", str(image_dir), "--out", str(out), "--batch-size", "2"]
-    args += ["--shard-size", "4", "--workers", "1", "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = zygote.run("module", "torch.distributed.run", args, REPO, env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    manifest = json.loads((out / "_manifest.json").read_text())
-    assert manifest["world_size"] == 2
-    assert manifest["num_errors"] == 3
-    emb, paths = read_embeddings(out)
-    clean_emb, clean_paths = read_embeddings(clean_run)
-    assert paths == clean_paths
-    np.testing.assert_allclose(emb, clean_emb, atol=1e-5)
-    # Every line of the merged errors file came from exactly one rank's shard.
-    errors = (out / "_errors.jsonl").read_text().splitlines()
-    assert sorted(json.loads(e)["id"] for e in errors) == sorted(BAD)
-
-
-@pytest.mark.slow
-def test_two_rank_torchrun_resumes_after_unreadable_tars_are_fixed_or_dropped(
+def test_two_rank_torchrun_equals_one_process_and_resumes_after_bad_tars_are_fixed_or_dropped(
     hub_folder, tars_with_bad_ones, same_extraction, tmp_path, zygote
 ):
-    """Under torchrun (its launcher a child of the zygote), finished shards that change position
-    are moved once (by rank 0, between barriers that every rank reaches) before the ranks take
-    their shards."""
+    """Two ranks under torchrun (its launcher a child of the zygote, ``tests/zygote.py``; each
+    rank a new process) write what one process writes, each rank's unreadable tars listed in
+    the one errors file. Re-run after the bad tars were fixed or dropped, finished shards that
+    changed position are moved once (by rank 0, between barriers that every rank reaches)
+    before the ranks take their shards; that run reads with a DataLoader worker per rank."""
     tars = tars_with_bad_ones
     out = tmp_path / "out"
     args = ["--nproc_per_node", "2", "--standalone", "-m", "ssole_hub", "extract", "--model"]
-    args += [str(hub_folder), "--out", str(out), "--batch-size", "2", "--workers", "0"]
-    args += ["--no-progress", "--input"]
+    args += [str(hub_folder), "--out", str(out), "--batch-size", "2", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    def torchrun(inputs):
-        return zygote.run("module", "torch.distributed.run", [*args, *inputs], REPO, env, 300)
+    def torchrun(inputs, workers):
+        command = [*args, "--workers", str(workers), "--input", *inputs]
+        return zygote.run("module", "torch.distributed.run", command, REPO, env, 300)
 
-    proc = torchrun(tars.first)
+    proc = torchrun(tars.first, 0)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["world_size"] == 2
     assert manifest["failed_inputs"] == [p for p in tars.first if p in tars.bad]
+    errors = [json.loads(e) for e in (out / "_errors.jsonl").read_text().splitlines()]
+    assert sorted(e["input"] for e in errors) == sorted(tars.bad)  # from both ranks' shards
+    first = tmp_path / "first"
+    extract_dataset(hub_folder, tars.first, first, batch_size=2, num_workers=0, progress=False)
+    same_extraction(out, first)
 
     tars.fix()
-    proc = torchrun(tars.second)
+    proc = torchrun(tars.second, 1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("2 finished shard(s) moved") == 1  # rank 0 only
     reference = tmp_path / "reference"

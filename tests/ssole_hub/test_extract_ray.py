@@ -1,6 +1,6 @@
 """The Ray engine on a real local Ray instance (``ray_cluster``, started once per test run): its
-output equals the plain engine's for a folder, a list file, webdataset tars and parquet (ids with
-line breaks too); bad records and unreadable input files are listed, never fatal; a killed run,
+output equals the plain engine's for a folder, a list file (with compact embeddings),
+webdataset tars and parquet (ids with line breaks too); bad records and unreadable input files are listed, never fatal; a killed run,
 or one whose unreadable inputs were fixed or dropped, resumes to the same output; a wrong
 cluster address fails fast."""
 
@@ -67,24 +67,25 @@ def _errors(out: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    ("name", "file_format"),
+    ("name", "file_format", "dimensions"),
     [
-        ("folder", "npy"),
-        ("list", "safetensors"),
-        ("webdataset", "parquet"),
-        ("parquet", "npy"),
-        ("odd-ids", "safetensors"),
+        ("folder", "npy", None),
+        ("list", "safetensors", 64),  # compact embeddings: the folder's PCA, 64 dimensions
+        ("webdataset", "parquet", None),
+        ("parquet", "npy", None),
+        ("odd-ids", "safetensors", None),
     ],
 )
 def test_the_ray_engine_writes_what_the_plain_engine_writes(
-    name, file_format, ray_cluster, hub_folder, image_folder, webdataset_tars, parquet_files,
-    parquet_odd_ids, tmp_path,
+    name, file_format, dimensions, ray_cluster, hub_folder, pca_folder, image_folder,
+    webdataset_tars, parquet_files, parquet_odd_ids, tmp_path,
 ):  # fmt: skip
     inputs, options = _inputs(name, image_folder, webdataset_tars, parquet_files, parquet_odd_ids)
-    common = dict(batch_size=2, file_format=file_format, progress=False, **options)
-    plain = extract_dataset(hub_folder, inputs, tmp_path / "plain", num_workers=0, **common)
-    ray = extract_dataset(hub_folder, inputs, tmp_path / "ray", engine="ray", concurrency=1,
-                          **common)  # fmt: skip
+    model = hub_folder if dimensions is None else pca_folder
+    common = dict(batch_size=2, file_format=file_format, dimensions=dimensions, progress=False,
+                  **options)  # fmt: skip
+    plain = extract_dataset(model, inputs, tmp_path / "plain", num_workers=0, **common)
+    ray = extract_dataset(model, inputs, tmp_path / "ray", engine="ray", concurrency=1, **common)
     assert (ray["engine"], plain["engine"]) == ("ray", "plain")
     assert ray["fingerprint"] == plain["fingerprint"]
     assert [s["count"] for s in ray["shards"]] == [s["count"] for s in plain["shards"]]
@@ -92,6 +93,10 @@ def test_the_ray_engine_writes_what_the_plain_engine_writes(
     plain_emb, plain_ids = read_embeddings(tmp_path / "plain")
     assert ids == plain_ids and len(ids) >= 4
     np.testing.assert_allclose(emb, plain_emb, atol=1e-5)
+    if dimensions:
+        assert (ray["dim"], ray["dimensions"], ray["pca"]) == (64, 64, plain["pca"])
+        assert emb.shape == (len(ids), 64) and plain["pca"]
+        np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     errors = _errors(tmp_path / "ray")
     assert errors == _errors(tmp_path / "plain")
     expected = {
@@ -109,22 +114,6 @@ def test_the_ray_engine_writes_what_the_plain_engine_writes(
         import pyarrow.parquet as pq
 
         assert pq.read_table(tmp_path / "ray").column("id").to_pylist() == ids
-
-
-def test_the_ray_engine_writes_the_compact_embeddings_of_the_plain_engine(
-    ray_cluster, pca_folder, image_folder, tmp_path
-):
-    common = dict(batch_size=2, shard_size=3, dimensions=64, progress=False)
-    plain = extract_dataset(pca_folder, image_folder, tmp_path / "plain", num_workers=0, **common)
-    ray = extract_dataset(pca_folder, image_folder, tmp_path / "ray", engine="ray", concurrency=1,
-                          **common)  # fmt: skip
-    assert ray["fingerprint"] == plain["fingerprint"]
-    assert (ray["dim"], ray["dimensions"], ray["pca"]) == (64, 64, plain["pca"])
-    emb, ids = read_embeddings(tmp_path / "ray")
-    plain_emb, plain_ids = read_embeddings(tmp_path / "plain")
-    assert ids == plain_ids and emb.shape == (6, 64)
-    np.testing.assert_allclose(emb, plain_emb, atol=1e-5)
-    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
 
 
 _KILLED_RUN = """
