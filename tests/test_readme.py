@@ -16,7 +16,9 @@ torchvision (``tests/zygote.py``); the rest run in ``bash``.
 A step fails when its command exits non-zero or a path it names does not exist after it ran.
 Steps that cannot run on a CPU without internet are skipped by :data:`SKIPS`, each with its
 reason (pytest's ``-rs`` lists them). A command that starts the server runs in the background
-until the last step (its port is a free one), and later ``curl`` steps talk to it.
+until the last step (its port is a free one), and later ``curl`` steps talk to it. The steps that
+use Ray (:data:`RAY_STEP`) join one local Ray instance that this test starts before the first of
+them and stops after the last (``RAY_ADDRESS``, as on a cluster), instead of each starting its own.
 
 It is part of ``make test``; ``make test-readme`` (marker ``readme``) runs it alone.
 """
@@ -112,6 +114,7 @@ _config.load_config = _smaller
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field")
 LONG_RUNNING = r"^python -m server (?!.*--help)"
+RAY_STEP = r"--engine ray|^import ray$"
 
 
 @dataclass
@@ -287,6 +290,7 @@ class Session:
     port: int
     zygote: Any
     server: subprocess.Popen | None = None
+    ray: Any = None  # the ray module while the shared instance runs
     skipped_paths: dict[str, str] = field(default_factory=dict)
 
 
@@ -304,6 +308,7 @@ def session(tmp_path_factory, zygote) -> Iterator[Session]:
     }
     s = Session(work, tmp_path_factory.mktemp("snippets"), env, _free_port(), zygote)
     yield s
+    _stop_ray(s)
     if s.server is not None:
         os.killpg(s.server.pid, signal.SIGTERM)
         try:
@@ -329,6 +334,33 @@ def _start_server(s: Session, command: str) -> None:
             pass
         time.sleep(0.5)
     pytest.fail(f"{command} did not get ready in 180 s")
+
+
+def _start_ray(s: Session) -> None:
+    """Start the local Ray instance the Ray steps join (2 CPUs, a 256 MiB object store, no
+    dashboard), once."""
+    if s.ray is None:
+        s.ray = pytest.importorskip("ray", reason="the Ray steps need the [ray] extra")
+        here = Path.cwd()
+        os.chdir(s.work)  # its workers start where a user would start Ray: in the project
+        try:
+            context = s.ray.init(num_cpus=2, object_store_memory=256 * 2**20,
+                                 include_dashboard=False, configure_logging=False)  # fmt: skip
+        finally:
+            os.chdir(here)
+        # what joining takes: the address, and the settings init set here (RAY_AUTH_MODE)
+        s.env.update({k: v for k, v in os.environ.items() if k.startswith("RAY_")})
+        s.env["RAY_ADDRESS"] = context.address_info["gcs_address"]
+
+
+def _stop_ray(s: Session) -> None:
+    """Stop the shared Ray instance, so that its daemons take no CPU from the steps after."""
+    if s.ray is not None:
+        s.ray.shutdown()
+        s.ray = None
+        for key in [k for k in s.env if k.startswith("RAY_") and k not in os.environ]:
+            del s.env[key]
+        s.env.pop("RAY_ADDRESS", None)
 
 
 def _missing_prerequisite(session: Session, paths: list[str]) -> str | None:
@@ -381,6 +413,7 @@ def _run_step(session: Session, step: Step, text: str) -> tuple[int, str, str]:
 
 
 STEPS = readme_steps()
+LAST_RAY_STEP = max((s.line for s in STEPS if re.search(RAY_STEP, s.text, re.M)), default=0)
 
 
 def test_the_readme_has_steps_to_run():
@@ -403,7 +436,11 @@ def test_readme_step(step: Step, session: Session):
             pytest.skip(f"README line {step.line}: a server already runs")
         _start_server(session, text)
     else:
+        if re.search(RAY_STEP, text, re.M):
+            _start_ray(session)
         code, out, err = _run_step(session, step, text)
+        if step.line == LAST_RAY_STEP:
+            _stop_ray(session)
         assert code == 0, (
             f"README line {step.line} failed ({code}):\n{text}\n"
             f"--- stdout\n{out[-3000:]}\n--- stderr\n{err[-5000:]}"
