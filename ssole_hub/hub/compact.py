@@ -78,20 +78,14 @@ def add_pca(
 
 def _disagreements(pca: PCA, record: Mapping[str, Any]) -> list[str]:
     """Where the file and its record in ``ssole.json`` differ."""
-    found = {
-        "output": pca.output,
-        "input_dimensions": pca.input_dimensions,
-        "max_dimensions": pca.max_dimensions,
-        "images": pca.images,
-        "whiten": pca.whiten,
-        "digest": pca.digest(),
-    }
+    found = pca_record(pca)
+    keys = ("output", "input_dimensions", "max_dimensions", "images", "whiten", "digest")
     problems = [
-        f"{key} is {value!r} in {PCA_FILE} but {record.get(key)!r} in {SSOLE_FILE}"
-        for key, value in found.items()
-        if record.get(key) != value
+        f"{key} is {found[key]!r} in {PCA_FILE} but {record.get(key)!r} in {SSOLE_FILE}"
+        for key in keys
+        if record.get(key) != found[key]
     ]
-    kept = {str(k): round(v, _DECIMALS) for k, v in pca.variance_table().items()}
+    kept = found["variance_kept"]
     if not problems and record.get("variance_kept") != kept:
         problems.append(f"variance_kept is {kept} in {PCA_FILE} but {record.get('variance_kept')}")
     return problems
