@@ -291,6 +291,7 @@ class Session:
     zygote: Any
     server: subprocess.Popen | None = None
     ray: Any = None  # the ray module while the shared instance runs
+    ray_env: dict[str, str] = field(default_factory=dict)  # what joining it takes
     skipped_paths: dict[str, str] = field(default_factory=dict)
 
 
@@ -349,8 +350,9 @@ def _start_ray(s: Session) -> None:
         finally:
             os.chdir(here)
         # what joining takes: the address, and the settings init set here (RAY_AUTH_MODE)
-        s.env.update({k: v for k, v in os.environ.items() if k.startswith("RAY_")})
-        s.env["RAY_ADDRESS"] = context.address_info["gcs_address"]
+        s.ray_env = {k: v for k, v in os.environ.items() if k.startswith("RAY_") and k not in s.env}
+        s.ray_env["RAY_ADDRESS"] = context.address_info["gcs_address"]
+        s.env.update(s.ray_env)
 
 
 def _stop_ray(s: Session) -> None:
@@ -358,9 +360,8 @@ def _stop_ray(s: Session) -> None:
     if s.ray is not None:
         s.ray.shutdown()
         s.ray = None
-        for key in [k for k in s.env if k.startswith("RAY_") and k not in os.environ]:
-            del s.env[key]
-        s.env.pop("RAY_ADDRESS", None)
+        for key in s.ray_env:
+            s.env.pop(key, None)
 
 
 def _missing_prerequisite(session: Session, paths: list[str]) -> str | None:
