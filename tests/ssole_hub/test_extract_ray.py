@@ -1,8 +1,8 @@
 """The Ray engine on a real local Ray instance (``ray_cluster``, started once per test run): its
-output equals the plain engine's for a folder, a list file (with compact embeddings),
-webdataset tars and parquet (ids with line breaks too); bad records and unreadable input files are listed, never fatal; a killed run,
-or one whose unreadable inputs were fixed or dropped, resumes to the same output; a wrong
-cluster address fails fast."""
+output equals the plain engine's for a folder, a list file (with compact embeddings), webdataset
+tars and parquet (ids with line breaks too); bad records and unreadable input files are listed,
+never fatal; a killed run, or one whose unreadable inputs were fixed or dropped, resumes to the
+same output; a wrong cluster address fails fast."""
 
 from __future__ import annotations
 
