@@ -9,7 +9,9 @@ timed, interleaved, ``--repeats`` times each:
 - **extract**: :func:`ssole_hub.extract_dataset` from the JPEG files to shards on disk
   (DataLoader decoding workers, sharded writes, manifest; fresh output folder each time);
 - **extract --fast-decode**: the same with reduced-scale JPEG decoding (opt-in);
-- **decode**: decoding and preprocessing alone, in one thread (``FeatureExtractor.preprocess``).
+- **decode**: decoding and preprocessing alone, in one thread (``FeatureExtractor.preprocess``);
+- with ``--compare-decoding``, **extract --decode-on-device on**: JPEGs decoded in each batch on
+  the model's device (nvjpeg on a GPU; torchvision's decoder on a CPU).
 
 The figures that matter are the ratios of the medians to the bound, in wall-clock time and in CPU
 time (this process plus its decoding workers; a busy shared machine cannot inflate it). On a CPU,
@@ -82,6 +84,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="default: extract's default")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--compare-decoding",
+        action="store_true",
+        help="also extract with JPEGs decoded on the model's device (--decode-on-device on)",
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "extract.json"))
     args = parser.parse_args()
     machine = machine_record()
@@ -91,6 +98,11 @@ def main() -> None:
     fx = FeatureExtractor(model, model_id=args.model, device=args.device)
     # Same weights, opt-in reduced-scale JPEG decoding (``--fast-decode``).
     fx_fast = FeatureExtractor(model, model_id=args.model, device=args.device, fast_decode=True)
+    fx_device = (
+        FeatureExtractor(model, model_id=args.model, device=args.device, device_decode=True)
+        if args.compare_decoding
+        else None
+    )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         images = root / "images"
@@ -143,6 +155,8 @@ def main() -> None:
             "extract": lambda rep: extract(rep, fx, "exact"),
             "extract_fast": lambda rep: extract(rep, fx_fast, "fast"),
         }
+        if fx_device is not None:
+            runs["extract_device"] = lambda rep: extract(rep, fx_device, "device")
         times: dict[str, list[float]] = {name: [] for name in runs}
         cpu: dict[str, list[float]] = {name: [] for name in runs}
         for rep in range(args.repeats):
@@ -171,8 +185,10 @@ def main() -> None:
         "bound": "model only (pre-decoded tensors)",
         "extract": "extract (JPEG files -> shards)",
         "extract_fast": "extract --fast-decode",
+        "extract_device": "extract --decode-on-device on",
         "decode": "decode + preprocess only, 1 thread",
     }
+    labels = {k: v for k, v in labels.items() if k in runs}
     print(f"| {'pipeline':<34} | images/s | ratio | CPU ms/image | CPU ratio |")
     print(f"| {'-' * 34} | -------: | ----: | -----------: | --------: |")
     for key, label in labels.items():

@@ -467,6 +467,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also serve the same model and settings with the server of another checkout (e.g. "
         "a git worktree of main), in the same rounds: server / NAME; repeatable",
     )
+    p.add_argument(
+        "--decode-on-device",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="the server's --decode-on-device: JPEGs decoded in each batch on the model's device "
+        "(nvjpeg on a GPU) or in the decode threads (default: the server's default, auto)",
+    )
+    p.add_argument(
+        "--compare-decoding",
+        action="store_true",
+        help="also serve with --decode-on-device off, in the same rounds (server / cpu_decoding)",
+    )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--requests", type=int, default=128, help="requests per level (at least 8x c)")
     p.add_argument("--repeats", type=int, default=3, help="rounds (bound, profile, levels)")
@@ -500,14 +512,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def server_command(args: argparse.Namespace, model: str, port: int, backend: str) -> list[str]:
-    """``python -m server`` with the benchmark's settings."""
+def server_command(
+    args: argparse.Namespace, model: str, port: int, backend: str, decoding: str = "auto"
+) -> list[str]:
+    """``python -m server`` with the benchmark's settings (``decoding``: its
+    ``--decode-on-device``, given only when not the default: older servers have no such flag)."""
     return [
         sys.executable, "-m", "server", "--model", model, "--port", str(port),
         "--device", args.device, "--max-batch-size", str(args.batch_size),
         "--max-batch-wait-ms", str(args.max_wait_ms), "--max-queue", "1024",
         "--decode-threads", str(args.decode_threads), "--log-level", "warning",
         "--backend", backend,
+        *(["--decode-on-device", decoding] if decoding != "auto" else []),
     ]  # fmt: skip
 
 
@@ -515,12 +531,20 @@ def start_servers(
     args: argparse.Namespace, model: str, procs: list[subprocess.Popen]
 ) -> dict[str, tuple[str, int]]:
     """Start every server measured (appending each process to ``procs``); returns name ->
-    (URL, pid): ``server``, ``naive``, ``torch_server`` (for another backend than torch) and
-    ``baseline_<NAME>`` per ``--baseline``."""
+    (URL, pid): ``server``, ``naive``, ``cpu_decoding`` (``--compare-decoding``),
+    ``torch_server`` (for another backend than torch) and ``baseline_<NAME>`` per
+    ``--baseline``."""
     naive_port = free_port()
     plan: dict[str, tuple[list[str], int, Path]] = {}
     port = free_port()
-    plan["server"] = (server_command(args, model, port, args.backend), port, REPO)
+    plan["server"] = (
+        server_command(args, model, port, args.backend, args.decode_on_device),
+        port,
+        REPO,
+    )
+    if args.compare_decoding:
+        port = free_port()
+        plan["cpu_decoding"] = (server_command(args, model, port, args.backend, "off"), port, REPO)
     plan["naive"] = (
         [sys.executable, str(Path(__file__).resolve()), "--naive-server", str(naive_port),
          "--model", model, "--device", args.device],

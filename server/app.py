@@ -251,6 +251,7 @@ async def list_models(request: Request) -> ModelList:
         backend=service.backend.backend_name if service.backend else None,
         backend_timings=dict(service.backend.backend_timings) if service.backend else {},
         reduced_decoding=service.backend.reduced_decoding if service.backend else None,
+        device_decoding=dict(service.backend.device_decoding) if service.backend else None,
         pca=CompactSizes(**service.backend.pca)
         if service.backend and service.backend.pca
         else None,

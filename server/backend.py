@@ -20,6 +20,7 @@ import torch
 
 from server.settings import ServerSettings
 from ssole_hub import FeatureExtractor, Output
+from ssole_hub.device_decode import DEVICE_DECODE_CHOICES, EncodedJPEG
 
 __all__ = [
     "BackendLoader",
@@ -31,9 +32,13 @@ __all__ = [
 
 log = logging.getLogger("server")
 
-Prepared = tuple[torch.Tensor, bool, int | None]
-"""One queued item: a preprocessed image ``(3, H, W)``, whether its embedding is normalised, and
-its compact size (``dimensions``, or ``None`` for the full embedding)."""
+Image = torch.Tensor | EncodedJPEG
+"""A decoded image: preprocessed ``(3, H, W)``, or a JPEG whose header passed, which the batch
+decodes on the model's device (:mod:`ssole_hub.device_decode`)."""
+
+Prepared = tuple[Image, bool, int | None]
+"""One queued item: the image, whether its embedding is normalised, and its compact size
+(``dimensions``, or ``None`` for the full embedding)."""
 
 
 class EmbeddingBackend(Protocol):
@@ -53,6 +58,10 @@ class EmbeddingBackend(Protocol):
     """Whether large JPEGs are decoded at a reduced DCT scale (``ssole_hub``'s guarded
     default), shown by ``/v1/models``."""
 
+    device_decoding: dict[str, Any]
+    """Whether JPEGs are decoded on the model's device, why, and the guard's figures
+    (:attr:`ssole_hub.FeatureExtractor.device_decoding`), shown by ``/v1/models``."""
+
     pca: dict[str, Any] | None
     """The sizes ``dimensions`` offers (output, max_dimensions, whiten, images, variance_kept),
     shown by ``/v1/models``; ``None`` without a fitted PCA."""
@@ -61,12 +70,14 @@ class EmbeddingBackend(Protocol):
         """Raise ``ValueError`` (saying how to fit a PCA) for options the model cannot give."""
         ...
 
-    def prepare(self, data: bytes) -> torch.Tensor:
-        """Decode and preprocess one encoded image; raises ``ssole_hub.images`` errors."""
+    def prepare(self, data: bytes) -> Image:
+        """Decode and preprocess one encoded image, or only check the header of a JPEG decoded
+        on the device; raises ``ssole_hub.images`` errors."""
         ...
 
-    def infer(self, items: list[Prepared], key: Output) -> list[np.ndarray]:
-        """Embed preprocessed images with the output ``key``; one float32 vector per item."""
+    def infer(self, items: list[Prepared], key: Output) -> list[np.ndarray | Exception]:
+        """Embed images with the output ``key``: one float32 vector per item, or the decoding
+        error of a JPEG that neither the device nor the CPU could decode."""
         ...
 
     def warmup(self, batch_size: int) -> None:
@@ -91,6 +102,7 @@ class ExtractorBackend:
         self.backend_name: str = extractor.backend
         self.backend_timings: dict[str, float] = dict(extractor.backend_timings)
         self.reduced_decoding = extractor.decode_options["draft_size"] is not None
+        self.device_decoding: dict[str, Any] = dict(extractor.device_decoding)
         pca = extractor.pca
         self.pca: dict[str, Any] | None = (
             None
@@ -108,23 +120,31 @@ class ExtractorBackend:
         """The extractor's own check (:meth:`FeatureExtractor.check_options`)."""
         self.extractor.check_options(output, normalize, dimensions)
 
-    def prepare(self, data: bytes) -> torch.Tensor:
-        """Decode ``data`` with the extractor's limits and apply the model's eval transform."""
-        return self.extractor.preprocess_one(data)
+    def prepare(self, data: bytes) -> Image:
+        """Decode ``data`` with the extractor's limits and apply the model's eval transform; a
+        JPEG decoded on the device only has its header checked here
+        (:meth:`FeatureExtractor.prepare`)."""
+        return self.extractor.prepare(data)
 
-    def infer(self, items: list[Prepared], key: Output) -> list[np.ndarray]:
+    def infer(self, items: list[Prepared], key: Output) -> list[np.ndarray | Exception]:
         """One forward pass over ``items``, then each group of rows that asked for the same
-        ``normalize`` and ``dimensions`` made as asked; one float32 vector per item, in order."""
-        batch = torch.stack([image for image, *_ in items])
-        raw = self.extractor.embed_tensor(batch, key, normalize=False)
+        ``normalize`` and ``dimensions`` made as asked; one float32 vector per item, in order,
+        or the error of an image that could not be decoded (the others are computed)."""
+        images = self.extractor.finish_batch([image for image, *_ in items])
+        ok = [i for i, image in enumerate(images) if isinstance(image, torch.Tensor)]
+        vectors: list[Any] = list(images)
+        if not ok:
+            return vectors
+        raw = self.extractor.embed_tensor(
+            torch.stack([images[i] for i in ok]), key, normalize=False
+        )
         groups: dict[tuple[bool, int | None], list[int]] = defaultdict(list)
-        for i, (_, normalize, dimensions) in enumerate(items):
-            groups[(normalize, dimensions)].append(i)
-        vectors: list[Any] = [None] * len(items)
+        for row, i in enumerate(ok):
+            groups[items[i][1:]].append(row)
         for (normalize, dimensions), rows in groups.items():
             made = self.extractor.postprocess(raw[rows], key, normalize, dimensions).numpy()
-            for i, vector in zip(rows, made, strict=True):
-                vectors[i] = vector
+            for row, vector in zip(rows, made, strict=True):
+                vectors[ok[row]] = vector
         return vectors
 
     def warmup(self, batch_size: int) -> None:
@@ -149,6 +169,7 @@ def load_backend(settings: ServerSettings) -> ExtractorBackend:
         max_bytes=settings.max_image_bytes,
         max_pixels=settings.max_image_pixels,
         backend=settings.backend,
+        device_decode=DEVICE_DECODE_CHOICES[settings.decode_on_device],
     )
     log.info("loaded %s: outputs %s, backend %s", settings.model, extractor.dims, extractor.backend)
     return ExtractorBackend(extractor)

@@ -55,6 +55,11 @@ class ServerMetrics:
         self.queue_depth = Gauge(
             "ssole_queue_depth", "Images waiting for a forward pass.", registry=r
         )
+        self.decoding = Gauge(
+            "ssole_decoding_images",
+            "Images being decoded, which a batch that is not full waits for.",
+            registry=r,
+        )
         self.images = Counter("ssole_images", "Images embedded.", registry=r)
         self.decode_errors = Counter(
             "ssole_decode_errors",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
@@ -124,6 +124,11 @@ class ModelCard(BaseModel):
         default=None,
         description="whether large JPEGs are decoded at a reduced DCT scale (on where the "
         "model's hub folder records that it passed the decoding guard at export)",
+    )
+    device_decoding: dict[str, Any] | None = Field(
+        default=None,
+        description="whether JPEGs are decoded on the model's device (`on`), why (`reason`), "
+        "and the guard's figures (`guard`: cosine and neighbour agreement against CPU decoding)",
     )
     pca: CompactSizes | None = Field(
         default=None,

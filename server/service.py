@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from fastapi import Request
 
-from server.backend import BackendLoader, EmbeddingBackend, load_backend
+from server.backend import BackendLoader, EmbeddingBackend, Image, load_backend
 from server.batcher import BatcherClosedError, BatchTiming, DynamicBatcher, QueueFullError
 from server.errors import APIError
 from server.inputs import image_error
@@ -236,10 +236,15 @@ class EmbeddingService:
         """
         started = time.perf_counter()
         chosen, backend, batcher = self.check_request(len(items), output, normalize, dimensions)
-        images = await self._decode(backend, items, names)
+        batcher.announce(len(items))  # a batch that is not full waits for these
+        try:
+            images = await self._decode(backend, items, names)
+        except BaseException:
+            batcher.withdraw(len(items))
+            raise
         decode_s = time.perf_counter() - started
         payloads = [(x, normalize, dimensions) for x in images]
-        work = asyncio.ensure_future(batcher.submit(payloads, chosen))
+        work = self._submit(batcher, payloads, chosen)
         gone = asyncio.ensure_future(_wait_for_disconnect(request))
         try:
             await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -252,32 +257,51 @@ class EmbeddingService:
             return None
         try:
             vectors, timing = work.result()
+        except BatcherClosedError as exc:
+            raise _not_running(exc) from exc
+        self._raise_decode_errors(vectors, names)
+        return Embedded(vectors, timing, decode_s, time.perf_counter() - started)
+
+    def _submit(
+        self, batcher: DynamicBatcher, payloads: list[Any], output: Output
+    ) -> asyncio.Future:
+        """Queue a request's decoded (announced) images now; the future gives their vectors."""
+        try:
+            return asyncio.ensure_future(batcher.submit(payloads, output, announced=True))
         except QueueFullError as exc:
             raise self._queue_full(exc) from exc
         except BatcherClosedError as exc:
-            raise APIError.unavailable("model_not_ready", str(exc), LOADING_RETRY_AFTER_S) from exc
-        return Embedded(vectors, timing, decode_s, time.perf_counter() - started)
+            raise _not_running(exc) from exc
+
+    def _raise_decode_errors(self, results: Sequence[Any], names: Sequence[str]) -> None:
+        """The first image error in ``results`` (a JPEG the model's device and the CPU both
+        failed to decode, in the batch) as its request's error."""
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, BaseException):
+                error = image_error(result, name)
+                self.metrics.decode_errors.labels(error.code).inc()
+                raise error
 
     async def _decode(
         self,
         backend: EmbeddingBackend,
         items: Sequence[Callable[[], bytes]],
         names: Sequence[str],
-    ) -> list[torch.Tensor]:
+    ) -> list[Image]:
         loop = asyncio.get_running_loop()
         results = await asyncio.gather(
             *(loop.run_in_executor(self._decode_pool, _prepare, backend, get) for get in items),
             return_exceptions=True,
         )
-        for name, result in zip(names, results, strict=True):
-            if isinstance(result, BaseException):
-                error = image_error(result, name)
-                self.metrics.decode_errors.labels(error.code).inc()
-                raise error
+        self._raise_decode_errors(results, names)
         return list(results)
 
 
-def _prepare(backend: EmbeddingBackend, get_bytes: Callable[[], bytes]) -> torch.Tensor:
+def _not_running(exc: BatcherClosedError) -> APIError:
+    return APIError.unavailable("model_not_ready", str(exc), LOADING_RETRY_AFTER_S)
+
+
+def _prepare(backend: EmbeddingBackend, get_bytes: Callable[[], bytes]) -> Image:
     return backend.prepare(get_bytes())
 
 

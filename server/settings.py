@@ -96,6 +96,12 @@ class ServerSettings(BaseSettings):
         ge=1,
         description="threads that decode and preprocess images (default: the CPU count, at most 4)",
     )
+    decode_on_device: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="decode JPEGs on the model's device in each batch (nvjpeg on a GPU), other "
+        "formats in the decode threads; auto: on a GPU if the model's embeddings of guard photos "
+        "agree with CPU decoding; on: wherever torchvision can decode there; off: never",
+    )
     inference_threads: int | None = Field(
         default=None,
         ge=1,

@@ -14,6 +14,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+from ssole_hub.device_decode import DEVICE_DECODE_CHOICES
 from ssole_hub.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ssole_hub.runtimes.backends import BACKENDS, FIDELITY_LIMITS
 
@@ -325,6 +326,14 @@ def _add_compute_options(p: argparse.ArgumentParser) -> None:
         const=False,
         help="always decode JPEGs in full (the pixels exactly as older versions decoded them)",
     )
+    p.add_argument(
+        "--decode-on-device",
+        choices=tuple(DEVICE_DECODE_CHOICES),
+        default="auto",
+        help="decode JPEGs on the model's device in each batch (nvjpeg on a GPU), other formats "
+        "on the CPU; auto (default): on a GPU if the model's embeddings of guard photos agree "
+        "with CPU decoding; on: wherever torchvision can; off: never",
+    )
 
 
 def _add_engine_options(p: argparse.ArgumentParser) -> None:
@@ -544,6 +553,7 @@ def _extraction_options(args: argparse.Namespace) -> dict[str, Any]:
         dtype=args.dtype,
         compile=args.compile,
         fast_decode=args.fast_decode,
+        device_decode=DEVICE_DECODE_CHOICES[args.decode_on_device],
         backend=backend,
         progress=not args.no_progress,
         image_column=args.image_column,

@@ -26,9 +26,10 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from ssole_hub.device_decode import DeviceDecoder, EncodedJPEG, device_support
 from ssole_hub.errors import HubFolderError
 from ssole_hub.hub.compact import FIT_COMMAND
-from ssole_hub.hub.decode_check import resize_side
+from ssole_hub.hub.decode_check import check_device_decoding, resize_side
 from ssole_hub.hub.load import (
     guarded_backends,
     load_model,
@@ -153,6 +154,7 @@ class FeatureExtractor:
         fast_decode: bool | None = None,
         decode_check: Mapping[str, Any] | None = None,
         pca: PCA | None = None,
+        device_decode: bool | None = None,
     ) -> None:
         """Wrap a built model; see :meth:`from_pretrained` for the arguments (``decode_check``:
         the hub folder's record of the reduced-decoding guard, which ``fast_decode=None``
@@ -199,6 +201,9 @@ class FeatureExtractor:
         self._no_pca = f"{self.model_id} has no fitted PCA"
         if pca is not None:
             self._use_pca(pca)
+        self.device_decoder: DeviceDecoder | None = None
+        self.device_decoding: dict[str, Any] = {"on": False}
+        self._set_device_decoding(device_decode)
 
     def _use_pca(self, pca: PCA) -> None:
         width = self.dims.get(pca.output)
@@ -229,6 +234,40 @@ class FeatureExtractor:
             fast_decode = bool(check and check.get("passed"))
         self.decode_options["draft_size"] = resize_side(self.data_config) if fast_decode else None
 
+    def _set_device_decoding(self, device_decode: bool | None) -> None:
+        """Decode JPEGs on the model's device (:mod:`ssole_hub.device_decode`): ``True``
+        wherever torchvision can decode there, ``False`` never, ``None`` on a CUDA device if the
+        guard photos' embeddings agree with CPU decoding. :attr:`device_decoding` says which,
+        why, and the guard's figures."""
+        if device_decode is False or (device_decode is None and self.device.type != "cuda"):
+            reason = "off" if device_decode is False else f"the model runs on {self.device.type}"
+            self.device_decoding = {"on": False, "reason": reason}
+            return
+        reason = device_support(self.device)
+        if reason is not None or self.backend != "torch":
+            reason = reason or f"the {self.backend} backend runs on the CPU"
+            if device_decode:
+                raise ValueError(f"device_decode=True, but {reason}")
+            self.device_decoding = {"on": False, "reason": reason}
+            return
+        decoder = DeviceDecoder(self.data_config, self.device, self.preprocess_one,
+                                **self._limits())  # fmt: skip
+        if device_decode:
+            self.device_decoder, self.device_decoding = decoder, {"on": True, "reason": "asked"}
+            return
+        embed = functools.partial(self.embed_tensor, normalize=False)
+        check = check_device_decoding(embed, self.transform, decoder, resize_side(self.data_config))
+        passed = bool(check and check["passed"])
+        self.device_decoder = decoder if passed else None
+        self.device_decoding = {
+            "on": passed, "reason": "guard passed" if passed else "guard failed" if check
+            else "no guard photos: needs scikit-image", "guard": check,
+        }  # fmt: skip
+        log.info("JPEG decoding on %s: %s", self.device, self.device_decoding)
+
+    def _limits(self) -> dict[str, int]:
+        return {k: self.decode_options[k] for k in ("max_bytes", "max_pixels")}
+
     def _log_decoding(self) -> None:
         """Say whether the guarded default decodes at a reduced scale, and on what evidence."""
         c = self.decode_check
@@ -255,6 +294,7 @@ class FeatureExtractor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         fast_decode: bool | None = None,
         backend: str = "torch",
+        device_decode: bool | None = None,
     ) -> FeatureExtractor:
         """Load a model and wrap it for embedding.
 
@@ -288,6 +328,12 @@ class FeatureExtractor:
                 has and that passed its fidelity check at export, and torch, is loaded and
                 timed on one batch, and the fastest is kept (logged, and in
                 :attr:`backend_timings`; see :func:`ssole_hub.runtimes.backends.fastest_backend`).
+            device_decode: decode JPEGs on the model's device, in batches (nvjpeg on a GPU,
+                :mod:`ssole_hub.device_decode`), other formats on the CPU: ``None`` (default)
+                on a CUDA device if the guard photos' embeddings agree with CPU decoding
+                (:func:`~ssole_hub.hub.decode_check.check_device_decoding`); ``True``: wherever
+                torchvision can decode there (the CPU too, for tests); ``False``: never.
+                :attr:`device_decoding` says which and why.
 
         A hub folder's fitted PCA (``ssole-hub fit-pca``) is loaded with it, for
         ``dimensions``; one that cannot be used is logged and leaves full-size embeddings as
@@ -308,6 +354,7 @@ class FeatureExtractor:
             max_bytes=max_bytes,
             max_pixels=max_pixels,
             fast_decode=fast_decode,
+            device_decode=device_decode,
         )
         built = isinstance(model, nn.Module)
         candidates = candidate_backends(
@@ -422,15 +469,52 @@ class FeatureExtractor:
         return self._preprocess(images, offset=0)
 
     def _preprocess(self, images: Sequence[ImageInput], offset: int) -> torch.Tensor:
-        tensors = []
+        prepared: list[torch.Tensor | EncodedJPEG] = []
         for i, image in enumerate(images):
             try:
-                tensors.append(self.preprocess_one(image))
+                prepared.append(self.prepare(image))
             except (ImageDecodeError, ValueError, TypeError) as exc:
                 raise type(exc)(f"image {offset + i}: {exc}") from exc
+        tensors = []
+        for i, done in enumerate(self.finish_batch(prepared)):
+            if isinstance(done, Exception):
+                raise type(done)(f"image {offset + i}: {done}") from done
+            tensors.append(done)
         if not tensors:
             return torch.empty(0, *self.data_config["input_size"])
         return torch.stack(tensors)
+
+    def prepare(self, image: ImageInput) -> torch.Tensor | EncodedJPEG:
+        """:meth:`preprocess_one`, except for a JPEG that :attr:`device_decoder` decodes on the
+        device: only its header is checked (on the CPU, with the same errors), and
+        :meth:`finish_batch` decodes it with the rest of its batch (thread-safe).
+
+        Raises:
+            ImageDecodeError, ValueError, TypeError: as :meth:`load_image`.
+        """
+        decoder = self.device_decoder
+        if decoder is not None and isinstance(
+            image, bytes | bytearray | memoryview | str | os.PathLike
+        ):
+            jpeg = decoder.admit(image)
+            if jpeg is not None:
+                return jpeg
+        return self.preprocess_one(image)
+
+    def finish_batch(
+        self, prepared: Sequence[torch.Tensor | EncodedJPEG]
+    ) -> list[torch.Tensor | Exception]:
+        """The JPEGs among :meth:`prepare`'s results decoded on the device in one call (each
+        tensor then on the device), or, for one that neither the device nor the CPU could
+        decode, the CPU decoder's error; tensors as they are without device decoding."""
+        where = [i for i, x in enumerate(prepared) if isinstance(x, EncodedJPEG)]
+        if self.device_decoder is None or not where:
+            return list(prepared)  # type: ignore[arg-type]
+        done: list[Any] = list(prepared)
+        for i, x in zip(where, self.device_decoder.preprocess([prepared[i] for i in where]),
+                        strict=True):  # fmt: skip
+            done[i] = x
+        return [x.to(self.device) if isinstance(x, torch.Tensor) else x for x in done]
 
     # -- batch -> embeddings -----------------------------------------------------------------
 

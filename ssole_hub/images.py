@@ -53,6 +53,7 @@ __all__ = [
     "decode_image",
     "is_image_path",
     "list_images",
+    "open_image",
     "to_rgb",
 ]
 
@@ -205,6 +206,48 @@ def _safe_formats() -> list[str]:
     return [f for f in SAFE_FORMATS if f in Image.OPEN]
 
 
+def open_image(
+    source: ImageSource,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[Image.Image, bytes, str]:
+    """Open ``source`` and check it as :func:`decode_image` does, reading only its header: the
+    encoded size, the format, the pixel count. Returns the open (not yet decoded) PIL image, the
+    encoded bytes and a name for messages. Raises what :func:`decode_image` raises for the same
+    input."""
+    data, name = _read_limited(source, max_bytes)
+    try:
+        img = Image.open(io.BytesIO(data), formats=_safe_formats())
+    except UnidentifiedImageError as exc:
+        fmt = _signature_format(data)
+        if fmt is not None:
+            raise CorruptImageError(
+                f"{name} is a damaged or truncated {fmt} ({len(data)} bytes; its header could not "
+                "be read)"
+            ) from exc
+        raise UnsupportedImageError(
+            f"{name} is not a supported image (starts with {data[:8]!r}); "
+            f"accepted formats: {', '.join(_safe_formats())}"
+        ) from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"{name} has too many pixels: {exc}") from exc
+    except _PILLOW_DAMAGE as exc:
+        fmt = _signature_format(data)
+        what = f"a {fmt}" if fmt else "an image"
+        raise CorruptImageError(f"{name} is {what} with a damaged header: {exc}") from exc
+
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"{name} is too large: {width}x{height} = {width * height} pixels, "
+            f"the limit is {max_pixels} pixels"
+        )
+    if width < 1 or height < 1:
+        raise CorruptImageError(f"{name} has an empty size {width}x{height}")
+    return img, data, name
+
+
 def decode_image(
     source: ImageSource,
     *,
@@ -238,36 +281,8 @@ def decode_image(
             reading the file pass through too).
         TypeError: ``source`` is neither bytes nor a path.
     """
-    data, name = _read_limited(source, max_bytes)
-    try:
-        img = Image.open(io.BytesIO(data), formats=_safe_formats())
-    except UnidentifiedImageError as exc:
-        fmt = _signature_format(data)
-        if fmt is not None:
-            raise CorruptImageError(
-                f"{name} is a damaged or truncated {fmt} ({len(data)} bytes; its header could not "
-                "be read)"
-            ) from exc
-        raise UnsupportedImageError(
-            f"{name} is not a supported image (starts with {data[:8]!r}); "
-            f"accepted formats: {', '.join(_safe_formats())}"
-        ) from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"{name} has too many pixels: {exc}") from exc
-    except _PILLOW_DAMAGE as exc:
-        fmt = _signature_format(data)
-        what = f"a {fmt}" if fmt else "an image"
-        raise CorruptImageError(f"{name} is {what} with a damaged header: {exc}") from exc
-
-    width, height = img.size
-    if width * height > max_pixels:
-        raise ImageTooLargeError(
-            f"{name} is too large: {width}x{height} = {width * height} pixels, "
-            f"the limit is {max_pixels} pixels"
-        )
-    if width < 1 or height < 1:
-        raise CorruptImageError(f"{name} has an empty size {width}x{height}")
-    fmt = img.format
+    img, _, name = open_image(source, max_bytes=max_bytes, max_pixels=max_pixels)
+    fmt, (width, height) = img.format, img.size
     try:
         if draft_size is not None and fmt in ("JPEG", "MPO") and min(width, height) > draft_size:
             scale = draft_size / min(width, height)

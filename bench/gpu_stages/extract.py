@@ -14,7 +14,8 @@ def build_stage(plan: Plan, timeout_s: float) -> Stage:
         ["--images", "8", "--batch-size", "4", "--workers", "0", "--repeats", "1"],
         ["--images", "512", "--batch-size", "128", "--workers", "12", "--repeats", "3"],
     )
-    command = [plan.python, "bench/extract.py", "--device", plan.device, *sizes, "--out", str(out)]
+    command = [plan.python, "bench/extract.py", "--device", plan.device, "--compare-decoding",
+               *sizes, "--out", str(out)]  # fmt: skip
 
     def judge() -> tuple[dict[str, Any], list[Check]]:
         r = read_json(out)
@@ -23,6 +24,8 @@ def build_stage(plan: Plan, timeout_s: float) -> Stage:
             "bound_images_per_s": rounded(rate["bound"], 1),
             "extract_images_per_s": rounded(rate["extract"], 1),
             "ratio": rounded(ratio["extract"]), "fast_decode_ratio": rounded(ratio["extract_fast"]),
+            "device_decode_ratio": rounded(ratio["extract_device"]),
+            "device_vs_cpu_decoding": rounded(ratio["extract_device"] / ratio["extract"]),
             "dtype": r["dtype"], "device": r["device"],
         }  # fmt: skip
         return figures, [at_least("extract / model-only bound", ratio["extract"], 0.9)]

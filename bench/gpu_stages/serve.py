@@ -18,8 +18,11 @@ def build_stage(plan: Plan, timeout_s: float) -> Stage:
          "--concurrency", "1", "8", "32", "64"],
     )  # fmt: skip
     # torch: what auto serves on a GPU, and on the dry run's CPU no ONNX export or second server.
+    # JPEGs decoded in each batch on the device (nvjpeg; on the dry run's CPU, torchvision's
+    # decoder), against a server that decodes them in its decode threads, in the same rounds.
     command = [plan.python, "bench/serve.py", "--device", plan.device, "--backend", "torch",
-               *sizes, "--out", str(out)]  # fmt: skip
+               "--decode-on-device", "on", "--compare-decoding", *sizes,
+               "--out", str(out)]  # fmt: skip
 
     def judge() -> tuple[dict[str, Any], list[Check]]:
         r = read_json(out)
@@ -38,12 +41,17 @@ def build_stage(plan: Plan, timeout_s: float) -> Stage:
             "bound_images_per_s": rounded(r["bound_images_per_s"], 1),
             "full_batch_ms": rounded(r["full_batch_ms"], 1),
             "levels": levels,
+            "device_vs_cpu_decoding": {
+                lv["concurrency"]: rounded(lv["server_vs_cpu_decoding"]) for lv in r["levels"]
+            },
         }
         worst_ratio = min(v["vs_bound"] for v in high)
         worst_p99 = max(v["p99_over_batch"] for v in high)
+        decoding = min(v for c, v in figures["device_vs_cpu_decoding"].items() if c >= 32)
         return figures, [
             at_least("server / bound, c >= 32 (worst)", worst_ratio, 0.85),
             below("p99 / one full batch, c >= 32 (worst)", worst_p99, 2),
+            at_least("img/s, JPEGs decoded on the GPU / CPU, c >= 32 (worst)", decoding, 1.0),
             Check("server errors", "0", errors, errors == 0),
         ]
 

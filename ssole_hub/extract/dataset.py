@@ -58,6 +58,7 @@ def extract_dataset(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     fast_decode: bool | None = None,
+    device_decode: bool | None = None,
     backend: str = "torch",
     progress: bool = True,
     image_column: str | None = None,
@@ -95,6 +96,10 @@ def extract_dataset(
         fast_decode: decode large JPEGs at a reduced DCT scale: ``None`` (default) where the
             model passes the guard, ``True`` always, ``False`` never (see
             :meth:`FeatureExtractor.from_pretrained`); recorded in the manifest.
+        device_decode: decode JPEGs on the model's device in each batch (nvjpeg on a GPU):
+            ``None`` (default) on a GPU where the guard passes, ``True`` wherever torchvision
+            can, ``False`` never (see :meth:`FeatureExtractor.from_pretrained`); recorded in
+            the manifest.
         backend: ``"torch"``, ``"onnx"``, ``"onnx-int8"`` or ``"auto"`` (see
             :meth:`FeatureExtractor.from_pretrained`); the one used is in the manifest.
         progress: show a progress bar (rank 0).
@@ -133,6 +138,7 @@ def extract_dataset(
         max_bytes=max_bytes,
         max_pixels=max_pixels,
         fast_decode=fast_decode,
+        device_decode=device_decode,
         backend=backend,
     )
     run = (model, inputs, source, Path(out_dir), options, load)

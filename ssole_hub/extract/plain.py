@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ssole_hub.device_decode import EncodedJPEG, admit_jpeg
 from ssole_hub.extract.inputs import (
     ImageFiles,
     InputSource,
@@ -67,24 +68,47 @@ def _batches(source: InputSource, pending: list[int], batch_size: int) -> Iterat
 
 
 class _DecodeBatches(Dataset):
-    """Decodes and preprocesses a batch of records; a bad one becomes an error entry."""
+    """Decodes and preprocesses a batch of records; a bad one becomes an error entry. With
+    decoding on the device (:attr:`FeatureExtractor.device_decoder`), JPEGs only have their
+    headers checked here, and the main process decodes them on the device."""
 
     def __init__(self, fx: FeatureExtractor) -> None:
         self.transform = fx.transform
         self.decode_options = fx.decode_options
+        self.on_device = fx.device_decoder is not None
+
+    def _prepare(self, data: Any) -> torch.Tensor | EncodedJPEG:
+        limits = {k: self.decode_options[k] for k in ("max_bytes", "max_pixels")}
+        jpeg = admit_jpeg(data, **limits) if self.on_device else None
+        return jpeg or self.transform(decode_image(data, **self.decode_options))
 
     def __getitems__(self, batch: _Batch):
-        ids, tensors, errors = [], [], []
+        ids, images, errors = [], [], []
         for record in batch.records:
             try:
                 if isinstance(record.data, Exception):
                     raise record.data
-                tensors.append(self.transform(decode_image(record.data, **self.decode_options)))
+                images.append(self._prepare(record.data))
                 ids.append(record.id)
             except (ImageDecodeError, OSError) as exc:
                 errors.append(error_entry(record.id, type(exc).__name__, str(exc)))
-        images = torch.stack(tensors) if tensors else torch.empty(0)
+        if not self.on_device:
+            images = torch.stack(images) if images else torch.empty(0)
         return batch.shard, batch.last, len(batch.records), ids, images, errors, batch.failure
+
+
+def _on_device(
+    fx: FeatureExtractor, ids: list[str], prepared: list[torch.Tensor | EncodedJPEG]
+) -> tuple[list[str], torch.Tensor, list[dict[str, str]]]:
+    """A batch whose JPEGs are decoded on the device: its ids, images and error entries."""
+    kept, tensors, errors = [], [], []
+    for record_id, done in zip(ids, fx.finish_batch(prepared), strict=True):
+        if isinstance(done, Exception):
+            errors.append(error_entry(record_id, type(done).__name__, str(done)))
+        else:
+            kept.append(record_id)
+            tensors.append(done)
+    return kept, torch.stack(tensors) if tensors else torch.empty(0), errors
 
 
 def _unbatched(batch):
@@ -219,6 +243,9 @@ def _run_shards(
     ids, emb, errors = [], [], []
     with tqdm(total=total, disable=not progress, unit="img", desc="extract") as bar:
         for k, last, count, batch_ids, images, batch_errors, failure in loader:
+            if isinstance(images, list):  # JPEGs to decode on the device
+                batch_ids, images, more = _on_device(fx, batch_ids, images)
+                batch_errors += more
             ids += batch_ids
             errors += batch_errors
             if batch_ids:

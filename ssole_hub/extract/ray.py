@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from ssole_hub.device_decode import EncodedJPEG
 from ssole_hub.extract.inputs import (
     ImageFiles,
     InputSource,
@@ -133,22 +134,29 @@ class Embedder:
                     return data
         return MissingImageError(f"no image in column(s) {', '.join(self.image_columns)}")
 
-    def _preprocess(self, image: Any) -> torch.Tensor | Exception:
+    def _preprocess(self, image: Any) -> torch.Tensor | EncodedJPEG | Exception:
         try:
             if isinstance(image, Exception):
                 raise image
-            return self.fx.preprocess_one(image)
+            return self.fx.prepare(image)
         except (ValueError, TypeError, OSError) as exc:  # ImageDecodeError is a ValueError
             return exc
 
-    def _embed(self, done: list[torch.Tensor | Exception]) -> np.ndarray:
+    def _embed(
+        self, prepared: list[torch.Tensor | EncodedJPEG | Exception]
+    ) -> tuple[np.ndarray, list]:
+        """The batch's embeddings (zero rows for failures), and its images or their errors (a
+        JPEG decoded on the device that failed there and on the CPU becomes its error)."""
+        images = [x for x in prepared if not isinstance(x, Exception)]
+        finished = iter(self.fx.finish_batch(images))
+        done = [x if isinstance(x, Exception) else next(finished) for x in prepared]
         good = [i for i, x in enumerate(done) if isinstance(x, torch.Tensor)]
         emb = np.zeros((len(done), self.width), np.float32)
         if good:
             tensors = torch.stack([done[i] for i in good])
             asked = (self.output, self.normalize, self.dimensions)
             emb[good] = self.fx.embed_tensor(tensors, *asked).numpy()
-        return emb
+        return emb, done
 
     async def __call__(self, batch: dict[str, np.ndarray]) -> AsyncIterator[dict[str, np.ndarray]]:
         """Embed one batch; see the class docstring for the columns."""
@@ -158,8 +166,8 @@ class Embedder:
             loop.run_in_executor(self.decoders, self._preprocess, self._image(batch, i))
             for i in range(n)
         ]
-        done = list(await asyncio.gather(*decoding))
-        emb = await loop.run_in_executor(self.model_thread, self._embed, done)
+        prepared = list(await asyncio.gather(*decoding))
+        emb, done = await loop.run_in_executor(self.model_thread, self._embed, prepared)
         out = {k: v for k, v in batch.items() if k not in self.image_columns}
         out["embedding"] = emb
         bad = [x if isinstance(x, Exception) else None for x in done]

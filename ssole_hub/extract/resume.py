@@ -58,6 +58,8 @@ def fingerprint(fx: FeatureExtractor, options: Options, source: InputSource) -> 
         "file_format": options.file_format,
         "input": source.fingerprint(),
     }
+    if fx.device_decoding["on"]:  # absent otherwise, as below
+        run["device_decoding"] = True
     if options.dimensions is not None:  # absent otherwise: earlier runs' fingerprints hold
         run.update(dimensions=options.dimensions, pca=fx.pca.digest() if fx.pca else None)
     return hashlib.sha256(json.dumps(run, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -125,7 +127,11 @@ def manifest_header(
         "compute_dtype": str(fx.dtype).removeprefix("torch."),
         "backend": fx.backend,
         "backend_timings": fx.backend_timings,
-        "preprocessing": {**fx.data_config, "draft_size": fx.decode_options.get("draft_size")},
+        "preprocessing": {
+            **fx.data_config,
+            "draft_size": fx.decode_options.get("draft_size"),
+            "device_decoding": fx.device_decoding["on"],
+        },
         "input": os.fspath(inputs) if isinstance(inputs, str | os.PathLike) else None,
         "input_kind": source.kind,
         "shard_size": source.shard_size if isinstance(source, ImageFiles) else None,

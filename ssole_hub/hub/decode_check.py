@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import io
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ssole_hub.device_decode import DeviceDecoder
 from ssole_hub.hub.onnx_export import NEIGHBOUR_K, SKIMAGE_PHOTOS, neighbour_agreement
 from ssole_hub.images import decode_image
 from ssole_hub.preprocessing import resolve_preprocessing
@@ -43,7 +44,9 @@ __all__ = [
     "MIN_COSINE",
     "MIN_REDUCED",
     "DecodeCheck",
+    "check_device_decoding",
     "check_reduced_decoding",
+    "compare_embeddings",
     "decoding_record",
     "guard_jpegs",
     "resize_side",
@@ -122,12 +125,9 @@ def check_reduced_decoding(
     full = [decode_image(j) for j in jpegs]
     reduced = [decode_image(j, draft_size=draft_size) for j in jpegs]
     n_reduced = sum(a.size != b.size for a, b in zip(full, reduced, strict=True))
-    with torch.inference_mode():
-        reference = embed(torch.stack([transform(img) for img in full])).float()
-        candidate = embed(torch.stack([transform(img) for img in reduced])).float()
-    min_cosine = float(F.cosine_similarity(reference, candidate, dim=1).min())
-    k = min(NEIGHBOUR_K, (len(jpegs) - 1) // 2)
-    agreement = neighbour_agreement(reference, candidate, k)
+    min_cosine, agreement = compare_embeddings(
+        embed, [transform(img) for img in full], [transform(img) for img in reduced]
+    )
     # Photos too small to be reduced for this model prove nothing: at least MIN_REDUCED must be.
     passed = (
         n_reduced >= MIN_REDUCED
@@ -136,6 +136,48 @@ def check_reduced_decoding(
     )
     return DecodeCheck(draft_size, len(jpegs), n_reduced, round(min_cosine, 6),
                        round(agreement, 4), passed)  # fmt: skip
+
+
+def compare_embeddings(
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    reference: Sequence[torch.Tensor],
+    candidate: Sequence[torch.Tensor],
+) -> tuple[float, float]:
+    """The smallest cosine between each photo's two embeddings, and the neighbour agreement
+    (:func:`~ssole_hub.hub.onnx_export.neighbour_agreement`), of the same photos preprocessed
+    two ways (``(3, H, W)`` tensors, on any device)."""
+    with torch.inference_mode():
+        ref = embed(torch.stack(list(reference))).float().cpu()
+        cand = embed(torch.stack(list(candidate))).float().cpu()
+    min_cosine = float(F.cosine_similarity(ref, cand, dim=1).min())
+    k = min(NEIGHBOUR_K, (len(reference) - 1) // 2)
+    return min_cosine, neighbour_agreement(ref, cand, k)
+
+
+def check_device_decoding(
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    transform: Callable[[Image.Image], torch.Tensor],
+    decoder: DeviceDecoder,
+    side: int,
+) -> dict[str, Any] | None:
+    """The guard of JPEG decoding on the device: the guard photos (JPEGs 2 and 4 times
+    ``side``) embedded after CPU decoding and ``transform``, and after ``decoder``'s device
+    decoding and preprocessing; passed at :data:`MIN_COSINE` and the backends' neighbour
+    agreement limit. ``None`` without scikit-image (nothing real to check)."""
+    try:
+        jpegs = guard_jpegs(side)
+    except ImportError:
+        return None
+    on_device = decoder.preprocess([decoder.admit(j) for j in jpegs])
+    if not all(isinstance(t, torch.Tensor) for t in on_device):
+        return {"photos": len(jpegs), "passed": False, "error": "a guard photo failed to decode"}
+    reference = [transform(decode_image(j)).to(decoder.device) for j in jpegs]
+    min_cosine, agreement = compare_embeddings(embed, reference, on_device)
+    passed = min_cosine >= MIN_COSINE and agreement >= NEIGHBOUR_AGREEMENT_LIMIT
+    return {"photos": len(jpegs), "min_cosine": round(min_cosine, 6),
+            "neighbour_agreement": round(agreement, 4), "passed": passed,
+            "min_cosine_limit": MIN_COSINE,
+            "neighbour_agreement_limit": NEIGHBOUR_AGREEMENT_LIMIT}  # fmt: skip
 
 
 def decoding_record(

@@ -95,6 +95,9 @@ def test_dry_run_runs_every_stage_and_records_status_figures_and_targets(
     assert stages["loss"]["checks"][1]["met"]  # the fast loss agrees with the SVD one
     assert stages["train_compile"]["figures"]["bound_images_per_s"] > 0
     assert stages["ddp"]["figures"]["steps"] == 3
+    # JPEGs decoded on the device against the CPU (here torchvision's CPU decoder), both measured
+    assert stages["extract"]["figures"]["device_decode_ratio"] > 0
+    assert set(stages["serve"]["figures"]["device_vs_cpu_decoding"]) == {"1", "32"}
     quality = stages["quality"]["figures"]
     assert quality["epochs"] >= 1 and quality["calibration"]["images_per_s"] > 0
     assert {"README.md", "config.json", "model.safetensors"} <= set(quality["hub_folder"])

@@ -251,3 +251,7 @@ def test_bad_image_fails_only_its_request(server, extractors, photo_jpegs):
     good = responses[:3] + responses[4:]
     for i, r in enumerate(good):
         assert np.abs(embedding(r)[0] - expected[i]).max() <= 1e-5
+    # The failed request's images were announced to the batcher, then taken back: no batch
+    # waits for them.
+    with server.client() as c:
+        assert "\nssole_decoding_images 0.0\n" in c.get("/metrics").text

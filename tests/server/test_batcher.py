@@ -161,3 +161,69 @@ def test_submit_before_start_is_a_clear_error():
 def test_invalid_sizes_are_rejected(kwargs):
     with pytest.raises(ValueError, match="max_"):
         DynamicBatcher(Recorder(), **kwargs)
+
+
+def _primed(rec: Recorder, seconds_per_item: float, **kwargs) -> DynamicBatcher:
+    """A batcher whose recent forward passes took ``seconds_per_item`` each (what bounds the
+    wait for announced items: one full batch's worth)."""
+    b = DynamicBatcher(rec, max_wait_s=0, max_queue=100, **kwargs)
+    b._seconds_per_item = seconds_per_item
+    return b
+
+
+def test_a_batch_waits_for_the_items_still_being_decoded():
+    async def main():
+        rec = Recorder()
+        metrics = ServerMetrics()
+        b = _primed(rec, 10.0, max_batch_size=8, metrics=metrics)  # up to 80 s for 8
+        await b.start()
+        b.announce(4)  # one request of 1 and one of 3 are being decoded
+        first = b.submit([1], announced=True)
+        await asyncio.sleep(0.05)  # without the announcement, [1] would run alone now
+        assert rec.batches == [] and b.announced == 3
+        rest = b.submit([2, 3, 4], announced=True)
+        outs = await asyncio.wait_for(asyncio.gather(first, rest), timeout=30)
+        gauge = metrics.decoding._value.get()
+        await b.stop()
+        return rec, outs, b.announced, gauge
+
+    rec, outs, announced, gauge = run(main())
+    assert rec.batches == [([1, 2, 3, 4], None)]
+    assert outs[0][0] == [1] and outs[1][0] == [4, 9, 16]
+    assert announced == 0 and gauge == 0
+
+
+def test_withdrawn_items_release_the_wait_and_the_wait_is_bounded():
+    async def main():
+        rec = Recorder()
+        b = _primed(rec, 10.0, max_batch_size=8)
+        await b.start()
+        b.announce(3)
+        alone = b.submit([1], announced=True)
+        await asyncio.sleep(0.05)
+        assert rec.batches == []
+        b.withdraw(2)  # their decoding failed: nothing more is coming
+        await asyncio.wait_for(alone, timeout=30)  # not the 80 s the announcement allowed
+        b._seconds_per_item = 0.001  # recent passes were fast: wait at most 8 ms
+        b.announce(5)  # a decode that never finishes
+        bounded = await asyncio.wait_for(b.submit([2]), timeout=30)
+        await b.stop()
+        return rec, bounded, b.announced
+
+    rec, bounded, announced = run(main())
+    assert rec.batches == [([1], None), ([2], None)]
+    assert bounded[0] == [4] and announced == 5
+
+
+def test_announced_items_are_counted_off_even_when_the_queue_refuses_them():
+    async def main():
+        b = DynamicBatcher(Recorder(), max_batch_size=1, max_wait_s=0, max_queue=2)
+        await b.start()
+        b.announce(3)
+        with pytest.raises(QueueFullError):
+            b.submit([1, 2, 3], announced=True)
+        left = b.announced
+        await b.stop()
+        return left
+
+    assert run(main()) == 0
