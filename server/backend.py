@@ -11,6 +11,7 @@ re-implemented here. The batch key is the output alone: requests that differ onl
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -80,8 +81,10 @@ class EmbeddingBackend(Protocol):
         error of a JPEG that neither the device nor the CPU could decode."""
         ...
 
-    def warmup(self, batch_size: int) -> None:
-        """Run forward passes so that the first request does not pay for kernel selection."""
+    def warmup(self, batch_size: int) -> dict[int, float] | None:
+        """Run forward passes so that the first request does not pay for kernel selection;
+        returns the forward pass's milliseconds per image at batch sizes up to ``batch_size``
+        (what the batcher's fill target is chosen from), or ``None`` if not timed."""
         ...
 
 
@@ -147,10 +150,23 @@ class ExtractorBackend:
                 vectors[ok[row]] = vector
         return vectors
 
-    def warmup(self, batch_size: int) -> None:
-        """Forward passes at batch size 1 and ``batch_size`` for each output served."""
+    def warmup(self, batch_size: int) -> dict[int, float]:
+        """Forward passes at batch size 1 and ``batch_size`` for each output served; then the
+        backbone's, timed at batch sizes 1, 2, 4, ... up to ``batch_size`` (the best of two
+        passes each): milliseconds per image at each."""
         for n in sorted({1, batch_size}):
             self.extractor.warmup(n)
+        sizes = sorted({*(2**k for k in range(batch_size.bit_length())), batch_size})
+        return {n: round(self._ms_per_image(n), 3) for n in sizes}
+
+    def _ms_per_image(self, n: int) -> float:
+        batch = torch.zeros(n, *self.extractor.data_config["input_size"])
+        seconds = []
+        for _ in range(2):
+            started = time.perf_counter()
+            self.extractor.embed_tensor(batch)  # returns on the CPU: the pass is finished
+            seconds.append(time.perf_counter() - started)
+        return 1000 * min(seconds) / n
 
 
 def load_backend(settings: ServerSettings) -> ExtractorBackend:

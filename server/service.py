@@ -26,7 +26,13 @@ import torch
 from fastapi import Request
 
 from server.backend import BackendLoader, EmbeddingBackend, Image, load_backend
-from server.batcher import BatcherClosedError, BatchTiming, DynamicBatcher, QueueFullError
+from server.batcher import (
+    BatcherClosedError,
+    BatchTiming,
+    DynamicBatcher,
+    QueueFullError,
+    efficient_batch,
+)
 from server.errors import APIError
 from server.inputs import image_error
 from server.metrics import ServerMetrics
@@ -84,6 +90,8 @@ class EmbeddingService:
     created: int = field(default_factory=lambda: int(time.time()), init=False)
     backend: EmbeddingBackend | None = field(default=None, init=False)
     batcher: DynamicBatcher | None = field(default=None, init=False)
+    batch_timings: dict[int, float] = field(default_factory=dict, init=False)
+    """The forward pass's ms per image by batch size, timed at start-up (empty if not)."""
     load_error: str | None = field(default=None, init=False)
     _decode_pool: ThreadPoolExecutor | None = field(default=None, init=False)
     _loading: asyncio.Task | None = field(default=None, init=False)
@@ -121,10 +129,12 @@ class EmbeddingService:
         threads = s.inference_threads or MACHINE_THREADS
         try:
             backend = await asyncio.to_thread(self._in_inference_threads, self.loader, s, threads)
+            timings = None
             if s.warmup:
-                await asyncio.to_thread(
+                timings = await asyncio.to_thread(
                     self._in_inference_threads, backend.warmup, s.max_batch_size, threads
                 )
+            self.batch_timings = timings or {}
             # On OpenVINO (its thread count is fixed at load) torch only stacks the batch here;
             # one torch thread keeps torch's idle pool from spinning against OpenVINO's.
             torch_threads = threads if backend.backend_name == "torch" else 1
@@ -135,6 +145,7 @@ class EmbeddingService:
                 max_queue=s.max_queue,
                 metrics=self.metrics,
                 thread_init=lambda: use_intra_op_threads(torch_threads),
+                target_size=efficient_batch(timings) if timings else None,
             )
             await batcher.start()
         except Exception as exc:
@@ -145,8 +156,10 @@ class EmbeddingService:
             return
         self.backend, self.batcher = backend, batcher
         log.info(
-            "model %r ready: outputs %s, backend %s, %d inference threads, %d decode threads",
+            "model %r ready: outputs %s, backend %s, %d inference threads, %d decode threads; "
+            "batches of up to %d images (ms per image by batch size: %s)",
             s.model_id, backend.dimensions, backend.backend_name, threads, s.decode_threads,
+            batcher.target_size, self.batch_timings or "not timed",
         )  # fmt: skip
 
     @staticmethod

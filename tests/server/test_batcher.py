@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from server.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
+from server.batcher import BatcherClosedError, DynamicBatcher, QueueFullError, efficient_batch
 from server.metrics import ServerMetrics
 
 
@@ -227,3 +227,34 @@ def test_announced_items_are_counted_off_even_when_the_queue_refuses_them():
         return left
 
     assert run(main()) == 0
+
+
+def test_batches_hold_at_most_their_target_and_do_not_wait_once_they_reach_it():
+    async def main():
+        rec = Recorder()
+        b = _primed(rec, 10.0, max_batch_size=8, target_size=2)  # would wait up to 80 s
+        await b.start()
+        b.announce(5)
+        first = b.submit([1, 2, 3], announced=True)  # past the target: [1, 2] runs now
+        await asyncio.sleep(0.05)
+        seen = list(rec.batches)  # [3] waits for the 2 still announced
+        b.withdraw(2)
+        out = await asyncio.wait_for(first, timeout=30)
+        await b.stop()
+        return rec, out, seen
+
+    rec, out, seen = run(main())
+    assert seen == [([1, 2], None)] and out[0] == [1, 4, 9]
+    assert rec.batches == [([1, 2], None), ([3], None)]
+
+
+@pytest.mark.parametrize(
+    ("ms_per_item", "expected"),
+    [
+        ({1: 18.1, 2: 14.9, 4: 13.4, 8: 12.8, 16: 13.2, 32: 14.0, 64: 14.4}, 8),  # torch, CPU
+        ({1: 10.0, 2: 5.0, 4: 4.4, 8: 5.0, 16: 4.4, 32: 4.1, 64: 4.4}, 32),  # bfloat16
+        ({1: 5.0, 2: 5.0}, 1),
+    ],
+)
+def test_the_efficient_batch_costs_least_per_item(ms_per_item, expected):
+    assert efficient_batch(ms_per_item) == expected
