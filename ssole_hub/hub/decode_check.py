@@ -50,6 +50,7 @@ __all__ = [
     "decoding_record",
     "guard_jpegs",
     "resize_side",
+    "scaled_jpegs",
 ]
 
 MIN_COSINE = 0.99
@@ -89,19 +90,12 @@ def resize_side(data_config: Mapping[str, Any]) -> int:
     return math.floor(side / data_config.get("crop_pct", 1.0))
 
 
-@functools.cache
-def guard_jpegs(side: int) -> tuple[bytes, ...]:
-    """scikit-image's photos as JPEG files (quality 90), resized so that their shorter sides
-    are :data:`SCALES` times ``side`` in turn.
-
-    Raises:
-        ImportError: scikit-image is not installed.
-    """
-    from skimage import data
-
+def scaled_jpegs(photos: Sequence[Image.Image], side: int) -> tuple[bytes, ...]:
+    """``photos`` as JPEG files (quality 90), resized so that their shorter sides are
+    :data:`SCALES` times ``side`` in turn."""
     out = []
-    for i, name in enumerate(SKIMAGE_PHOTOS):
-        img = Image.fromarray(np.asarray(getattr(data, name)())).convert("RGB")
+    for i, photo in enumerate(photos):
+        img = photo.convert("RGB")
         factor = SCALES[i % len(SCALES)] * side / min(img.size)
         size = (math.ceil(img.width * factor), math.ceil(img.height * factor))
         buf = io.BytesIO()
@@ -110,16 +104,31 @@ def guard_jpegs(side: int) -> tuple[bytes, ...]:
     return tuple(out)
 
 
+@functools.cache
+def guard_jpegs(side: int) -> tuple[bytes, ...]:
+    """scikit-image's photos (:data:`~ssole_hub.hub.onnx_export.SKIMAGE_PHOTOS`) as
+    :func:`scaled_jpegs`.
+
+    Raises:
+        ImportError: scikit-image is not installed.
+    """
+    from skimage import data
+
+    return scaled_jpegs([Image.fromarray(np.asarray(getattr(data, n)())) for n in SKIMAGE_PHOTOS],
+                        side)  # fmt: skip
+
+
 def check_reduced_decoding(
     embed: Callable[[torch.Tensor], torch.Tensor],
     transform: Callable[[Image.Image], torch.Tensor],
     draft_size: int,
+    jpegs: Sequence[bytes] | None = None,
 ) -> DecodeCheck | None:
     """Compare ``embed`` (a batch of preprocessed images to embeddings) on the guard photos
-    decoded in full and at a reduced DCT scale keeping ``draft_size``; ``None`` without
-    scikit-image (nothing real to check)."""
+    (or ``jpegs``) decoded in full and at a reduced DCT scale keeping ``draft_size``; ``None``
+    without scikit-image (nothing real to check)."""
     try:
-        jpegs = guard_jpegs(draft_size)
+        jpegs = jpegs or guard_jpegs(draft_size)
     except ImportError:
         return None
     full = [decode_image(j) for j in jpegs]
@@ -159,13 +168,15 @@ def check_device_decoding(
     transform: Callable[[Image.Image], torch.Tensor],
     decoder: DeviceDecoder,
     side: int,
+    jpegs: Sequence[bytes] | None = None,
 ) -> dict[str, Any] | None:
     """The guard of JPEG decoding on the device: the guard photos (JPEGs 2 and 4 times
-    ``side``) embedded after CPU decoding and ``transform``, and after ``decoder``'s device
-    decoding and preprocessing; passed at :data:`MIN_COSINE` and the backends' neighbour
-    agreement limit. ``None`` without scikit-image (nothing real to check)."""
+    ``side``; or ``jpegs``) embedded after CPU decoding and ``transform``, and after
+    ``decoder``'s device decoding and preprocessing; passed at :data:`MIN_COSINE` and the
+    backends' neighbour agreement limit. ``None`` without scikit-image (nothing real to
+    check)."""
     try:
-        jpegs = guard_jpegs(side)
+        jpegs = jpegs or guard_jpegs(side)
     except ImportError:
         return None
     on_device = decoder.preprocess([decoder.admit(j) for j in jpegs])
