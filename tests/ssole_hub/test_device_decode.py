@@ -34,8 +34,12 @@ def _jpeg(img: Image.Image, orientation: int = 1, **kwargs) -> bytes:
 
 @pytest.fixture(scope="module")
 def backbone() -> torch.nn.Module:
+    """ResNet-18 at 96 px (resized to 109): photos still get resized, passes stay cheap."""
     torch.manual_seed(0)
-    return timm.create_model("ssole_resnet18", pretrained=False, num_classes=0)
+    overlay = {"input_size": (3, 96, 96), "crop_pct": 0.875}
+    return timm.create_model(
+        "ssole_resnet18", pretrained=False, num_classes=0, pretrained_cfg_overlay=overlay
+    )
 
 
 @pytest.fixture(scope="module")
