@@ -16,10 +16,12 @@ What goes to the device, and what does not:
   at a time, and whatever still fails there is decoded on the CPU, which raises the same
   :class:`~ssole_hub.images.ImageDecodeError` it always did.
 
-Where it is used is chosen where it runs (:func:`choose_device_decoding`): on a CUDA device whose
+Where it is used is chosen where it runs (``device_decode`` of
+:meth:`~ssole_hub.FeatureExtractor.from_pretrained`): by default on a CUDA device whose
 torchvision can decode there, if the model's embeddings of real photos (the reduced-decoding
-guard's photos, :func:`~ssole_hub.hub.decode_check.guard_jpegs`) decoded on the device agree
-with the CPU's, by the same cosine and neighbour-agreement limits as the reduced-decoding guard.
+guard's photos, :func:`~ssole_hub.hub.decode_check.check_device_decoding`) decoded on the device
+agree with the CPU's, by the same cosine and neighbour-agreement limits as the reduced-decoding
+guard.
 On the CPU it is off by default; asked for there, the same code runs with torchvision's CPU
 decoder (which is how the suite covers it without a GPU).
 """
@@ -121,15 +123,16 @@ class DeviceDecoder:
 
     Args:
         data_config: the model's timm data config (``input_size``, ``interpolation``,
-            ``crop_pct``, ``crop_mode``, ``mean``, ``std``); only ``crop_mode="center"``, timm's
-            default, is supported.
+            ``crop_pct``, ``crop_mode``, ``mean``, ``std``); only square inputs with
+            ``crop_mode="center"``, timm's default, are supported.
         device: where images are decoded and preprocessed.
         cpu_preprocess: the CPU path for one input (decode and eval transform), used for what
             the device cannot decode; raises the decoder's errors for bad input.
         max_bytes, max_pixels: the limits of :func:`~ssole_hub.images.open_image`.
 
     Raises:
-        ValueError: a ``crop_mode`` other than ``center``.
+        ValueError: a ``crop_mode`` other than ``center``, or an input that is not square
+            (timm's eval transform squashes those).
     """
 
     def __init__(
@@ -141,9 +144,12 @@ class DeviceDecoder:
         max_bytes: int,
         max_pixels: int,
     ) -> None:
-        if data_config.get("crop_mode", "center") != "center":
-            raise ValueError(f"crop_mode {data_config['crop_mode']!r}: only 'center' is supported")
         size = data_config["input_size"][1:]
+        if data_config.get("crop_mode", "center") != "center" or size[0] != size[1]:
+            raise ValueError(
+                f"crop_mode {data_config.get('crop_mode')!r} at {size[0]}x{size[1]} px: decoding "
+                "on the device supports square inputs with crop_mode 'center'"
+            )
         self.crop = (int(size[0]), int(size[1]))
         self.resize = int(max(size) / data_config.get("crop_pct", 1.0))
         self.interpolation = InterpolationMode(data_config.get("interpolation", "bilinear"))

@@ -243,15 +243,12 @@ class FeatureExtractor:
             reason = "off" if device_decode is False else f"the model runs on {self.device.type}"
             self.device_decoding = {"on": False, "reason": reason}
             return
-        reason = device_support(self.device)
-        if reason is not None or self.backend != "torch":
-            reason = reason or f"the {self.backend} backend runs on the CPU"
+        decoder, reason = self._device_decoder()
+        if decoder is None:
             if device_decode:
                 raise ValueError(f"device_decode=True, but {reason}")
             self.device_decoding = {"on": False, "reason": reason}
             return
-        decoder = DeviceDecoder(self.data_config, self.device, self.preprocess_one,
-                                **self._limits())  # fmt: skip
         if device_decode:
             self.device_decoder, self.device_decoding = decoder, {"on": True, "reason": "asked"}
             return
@@ -265,8 +262,18 @@ class FeatureExtractor:
         }  # fmt: skip
         log.info("JPEG decoding on %s: %s", self.device, self.device_decoding)
 
-    def _limits(self) -> dict[str, int]:
-        return {k: self.decode_options[k] for k in ("max_bytes", "max_pixels")}
+    def _device_decoder(self) -> tuple[DeviceDecoder | None, str]:
+        """A decoder on this extractor's device, or ``None`` and why there can be none."""
+        reason = device_support(self.device)
+        if reason is None and self.backend != "torch":
+            reason = f"the {self.backend} backend runs on the CPU"
+        if reason is not None:
+            return None, reason
+        limits = {k: self.decode_options[k] for k in ("max_bytes", "max_pixels")}
+        try:
+            return DeviceDecoder(self.data_config, self.device, self.preprocess_one, **limits), ""
+        except ValueError as exc:
+            return None, str(exc)
 
     def _log_decoding(self) -> None:
         """Say whether the guarded default decodes at a reduced scale, and on what evidence."""

@@ -126,6 +126,11 @@ def test_where_to_decode_is_chosen_and_said(backbone, monkeypatch):
     with pytest.raises(ValueError, match="device_decode=True, but no decoder on cpu"):
         FeatureExtractor(backbone, device_decode=True)
     assert device_support(torch.device("cpu")) is None  # the real torchvision can
+    monkeypatch.undo()
+    wide = timm.create_model("ssole_resnet18", pretrained=False, num_classes=0,
+                             pretrained_cfg_overlay={"input_size": (3, 64, 96)})  # fmt: skip
+    with pytest.raises(ValueError, match="supports square inputs"):  # timm squashes those
+        FeatureExtractor(wide, device_decode=True)
 
 
 def test_the_guard_passes_real_decoding_and_refuses_a_wrong_one(extractors):
