@@ -201,8 +201,8 @@ class DynamicBatcher:
             raise QueueFullError(self.depth, self.max_queue, n_items, self._retry_after(n_items))
 
     def announce(self, n_items: int) -> None:
-        """Tell the batcher that ``n_items`` more items are being prepared: a batch that is not
-        full waits for them (see the module docstring). Every announced item must later be
+        """Tell the batcher that ``n_items`` more items are being prepared: a batch below its
+        target size waits for them (see the module docstring). Every announced item must later be
         either submitted with ``announced=True`` or :meth:`withdraw` n."""
         with self._cond:
             self._announced += n_items
@@ -315,8 +315,9 @@ class DynamicBatcher:
                 return
 
     def _next_batch(self) -> list[_Entry] | None:
-        """Block until a batch is due: full, or its oldest item waited ``max_wait_s`` and, while
-        items are announced, up to one full batch's recent forward time."""
+        """Block until a batch is due: at its target size, or its oldest item waited
+        ``max_wait_s`` and, while items are announced, up to one full batch's recent forward
+        time."""
         with self._cond:
             while not self._closing:
                 while self._pending and self._pending[0].dropped:

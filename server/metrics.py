@@ -57,7 +57,7 @@ class ServerMetrics:
         )
         self.decoding = Gauge(
             "ssole_decoding_images",
-            "Images being decoded, which a batch that is not full waits for.",
+            "Images being decoded, which a batch below its target size waits for.",
             registry=r,
         )
         self.images = Counter("ssole_images", "Images embedded.", registry=r)

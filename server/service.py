@@ -249,7 +249,7 @@ class EmbeddingService:
         """
         started = time.perf_counter()
         chosen, backend, batcher = self.check_request(len(items), output, normalize, dimensions)
-        batcher.announce(len(items))  # a batch that is not full waits for these
+        batcher.announce(len(items))  # a batch below its target size waits for these
         try:
             images = await self._decode(backend, items, names)
         except BaseException:
