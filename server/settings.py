@@ -55,10 +55,15 @@ class ServerSettings(BaseSettings):
     default_output: Output = Field(
         default="backbone", description="embedding returned when a request names no `output`"
     )
-    # Both defaults were chosen by measurement (bench/serve.py, BENCHMARKS.md): on a CPU a
-    # forward pass costs about the same per image at any batch size, so waiting only adds
-    # latency, and 64 keeps p99 at concurrency 64 under two full batches.
-    max_batch_size: int = Field(default=64, ge=1, description="most images per forward pass")
+    # Both defaults were chosen by measurement (bench/serve.py, BENCHMARKS.md): the batches
+    # already wait for images being decoded, so a fixed wait only adds latency; 64 bounds the
+    # sizes timed at start-up, of which the cheapest per image becomes the batches' target.
+    max_batch_size: int = Field(
+        default=64,
+        ge=1,
+        description="most images per forward pass; batches aim at the size whose forward pass "
+        "was timed cheapest per image at start-up, up to this",
+    )
     max_batch_wait_ms: float = Field(
         default=0.0,
         ge=0,
