@@ -10,10 +10,11 @@ timed at start-up (:func:`efficient_batch`; at most ``max_batch_size``). The thr
 that many at a time, since larger batches cost more per item where they do (torch on a CPU: 12.8
 ms per image at batch 8 against 14.4 at 64, on 2 cores). Items still being decoded are announced
 (:meth:`DynamicBatcher.announce`) before their decoding starts; while any are announced and the
-batch is smaller than its target, the thread waits for them, at most as long as a forward pass
-of the target size has recently taken: otherwise, under steady load, batches alternate between
-the one or two items decoded while the previous pass ran and the rest, and a small batch costs
-more per item (ResNet-18 in torch on 2 cores: 30 CPU ms per image alone, 20 at batch 8).
+batch is smaller than its target, the thread waits for them (from when the model is free), at
+most as long as a forward pass of the target size has recently taken: otherwise, under steady
+load, batches alternate between the one or two items decoded while the previous pass ran and the
+rest, and a small batch costs more per item (ResNet-18 in torch on 2 cores: 30 CPU ms per image
+alone, 20 at batch 8).
 The thread never waits on the event loop, so a busy loop (parsing bodies, writing responses)
 does not leave the model idle while items are queued. A full queue raises
 :class:`QueueFullError` at once instead of letting latency grow without bound, and the items of a
@@ -317,7 +318,8 @@ class DynamicBatcher:
     def _next_batch(self) -> list[_Entry] | None:
         """Block until a batch is due: at its target size, or its oldest item waited
         ``max_wait_s`` and, while items are announced, up to a target-size batch's recent forward
-        time."""
+        time since the model could have started on it (it was free and the item was queued)."""
+        free_since = time.perf_counter()
         with self._cond:
             while not self._closing:
                 while self._pending and self._pending[0].dropped:
@@ -328,10 +330,13 @@ class DynamicBatcher:
                 oldest = self._pending[0]
                 if self._matching(oldest.key) >= self.target_size:
                     return self._take_batch()
-                wait_s = self.max_wait_s
+                deadline = oldest.enqueued_at + self.max_wait_s
                 if self._announced > 0:
-                    wait_s = max(wait_s, self._seconds_per_item * self.target_size)
-                remaining = oldest.enqueued_at + wait_s - time.perf_counter()
+                    could_start = max(free_since, oldest.enqueued_at)
+                    deadline = max(
+                        deadline, could_start + self._seconds_per_item * self.target_size
+                    )
+                remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     return self._take_batch()
                 self._cond.wait(remaining)
