@@ -10,8 +10,8 @@ re-implemented here. The batch key is the output alone: requests that differ onl
 
 from __future__ import annotations
 
+import functools
 import logging
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -22,6 +22,7 @@ import torch
 from server.settings import ServerSettings
 from ssole_hub import FeatureExtractor, Output
 from ssole_hub.device_decode import DEVICE_DECODE_CHOICES, EncodedJPEG
+from ssole_hub.runtimes.backends import ms_per_image
 
 __all__ = [
     "BackendLoader",
@@ -84,7 +85,7 @@ class EmbeddingBackend(Protocol):
     def warmup(self, batch_size: int) -> dict[int, float] | None:
         """Run forward passes so that the first request does not pay for kernel selection;
         returns the forward pass's milliseconds per image at batch sizes up to ``batch_size``
-        (what the batcher's fill target is chosen from), or ``None`` if not timed."""
+        (what the batcher's target size is chosen from), or ``None`` if not timed."""
         ...
 
 
@@ -151,22 +152,19 @@ class ExtractorBackend:
         return vectors
 
     def warmup(self, batch_size: int) -> dict[int, float]:
-        """Forward passes at batch size 1 and ``batch_size`` for each output served; then the
-        backbone's, timed at batch sizes 1, 2, 4, ... up to ``batch_size`` (the best of two
-        passes each): milliseconds per image at each."""
-        for n in sorted({1, batch_size}):
-            self.extractor.warmup(n)
+        """The backbone's forward pass timed at batch sizes 1, 2, 4, ... up to ``batch_size``
+        (after an untimed pass each, interleaved rounds:
+        :func:`~ssole_hub.runtimes.backends.ms_per_image`): milliseconds per image at each. The
+        projector, if served, gets untimed passes at batch sizes 1 and ``batch_size``."""
+        shape = self.extractor.data_config["input_size"]
+        for n in sorted({1, batch_size}) if "projector" in self.dimensions else ():
+            self.extractor.embed_tensor(torch.zeros(n, *shape), "projector")
         sizes = sorted({*(2**k for k in range(batch_size.bit_length())), batch_size})
-        return {n: round(self._ms_per_image(n), 3) for n in sizes}
-
-    def _ms_per_image(self, n: int) -> float:
-        batch = torch.zeros(n, *self.extractor.data_config["input_size"])
-        seconds = []
-        for _ in range(2):
-            started = time.perf_counter()
-            self.extractor.embed_tensor(batch)  # returns on the CPU: the pass is finished
-            seconds.append(time.perf_counter() - started)
-        return 1000 * min(seconds) / n
+        passes = {
+            n: (functools.partial(self.extractor.embed_tensor, torch.zeros(n, *shape)), n)
+            for n in sizes
+        }  # embed_tensor returns on the CPU: each timed pass is finished
+        return ms_per_image(passes, rounds=2)
 
 
 def load_backend(settings: ServerSettings) -> ExtractorBackend:

@@ -76,10 +76,10 @@ class _DecodeBatches(Dataset):
         self.transform = fx.transform
         self.decode_options = fx.decode_options
         self.on_device = fx.device_decoder is not None
+        self.limits = {k: fx.decode_options[k] for k in ("max_bytes", "max_pixels")}
 
     def _prepare(self, data: Any) -> torch.Tensor | EncodedJPEG:
-        limits = {k: self.decode_options[k] for k in ("max_bytes", "max_pixels")}
-        jpeg = admit_jpeg(data, **limits) if self.on_device else None
+        jpeg = admit_jpeg(data, **self.limits) if self.on_device else None
         return jpeg or self.transform(decode_image(data, **self.decode_options))
 
     def __getitems__(self, batch: _Batch):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 
@@ -38,6 +38,7 @@ __all__ = [
     "Backend",
     "candidate_backends",
     "fastest_backend",
+    "ms_per_image",
 ]
 
 Backend = Literal["torch", "onnx", "onnx-bf16", "onnx-int8"]
@@ -91,20 +92,32 @@ def candidate_backends(
     return (backend,)  # type: ignore[return-value]
 
 
+K = TypeVar("K")
+
+
+def ms_per_image(
+    forward: Mapping[K, tuple[Callable[[], object], int]], rounds: int = 3
+) -> dict[K, float]:
+    """Time each ``forward()`` (one pass over a batch of the given number of images): one
+    untimed pass each, then ``rounds`` rounds that take every one in turn, so that a burst of
+    other load on the machine falls on all of them. Returns each one's median milliseconds per
+    image."""
+    for run, _ in forward.values():
+        run()
+    seconds: dict[K, list[float]] = {k: [] for k in forward}
+    for _ in range(rounds):
+        for key, (run, _) in forward.items():
+            start = time.perf_counter()
+            run()
+            seconds[key].append(time.perf_counter() - start)
+    return {k: round(1000 * statistics.median(s) / forward[k][1], 3) for k, s in seconds.items()}
+
+
 def fastest_backend(
     forward: Mapping[Backend, Callable[[], object]], images: int, rounds: int = 3
 ) -> tuple[Backend, dict[str, float]]:
-    """Time each backend's ``forward()`` (one pass over the same batch of ``images``): one
-    untimed pass each, then ``rounds`` rounds that take every backend in turn, so that a burst of
-    other load on the machine falls on all of them. Returns the backend with the smallest median
-    and each one's median milliseconds per image."""
-    for run in forward.values():
-        run()
-    seconds: dict[Backend, list[float]] = {b: [] for b in forward}
-    for _ in range(rounds):
-        for backend, run in forward.items():
-            start = time.perf_counter()
-            run()
-            seconds[backend].append(time.perf_counter() - start)
-    ms = {b: round(1000 * statistics.median(s) / images, 3) for b, s in seconds.items()}
+    """Time each backend's ``forward()`` (one pass over the same batch of ``images``) with
+    :func:`ms_per_image`. Returns the backend with the smallest median and each one's median
+    milliseconds per image."""
+    ms = ms_per_image({b: (run, images) for b, run in forward.items()}, rounds)
     return min(ms, key=ms.__getitem__), ms

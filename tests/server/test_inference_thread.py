@@ -123,3 +123,13 @@ def test_the_forward_pass_uses_every_intra_op_thread_after_decoding(make_server,
         for _ in range(3):  # the decode threads exist (and set 1) before the later passes
             assert c.post("/v1/embeddings", json={"input": [image] * 2}).status_code == 200
     assert seen and set(seen) == {MACHINE_THREADS}
+
+
+def test_warmup_times_every_power_of_two_up_to_the_largest_batch(tiny_model):
+    """What the batcher's target size is chosen from (``efficient_batch``)."""
+    from server.settings import ServerSettings
+
+    backend = load_backend(ServerSettings(model=tiny_model, device="cpu", backend="torch"))
+    timings = backend.warmup(12)
+    assert sorted(timings) == [1, 2, 4, 8, 12]
+    assert all(ms > 0 for ms in timings.values())
