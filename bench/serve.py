@@ -8,7 +8,7 @@ What is measured, side by side on the same real photos (scikit-image, JPEG):
   loopback at concurrency 1, 8, 32, 64 (one image per request, JSON data URIs): images/s,
   p50/p99 latency;
 - **naive**: a one-request-one-forward FastAPI endpoint (sync route in FastAPI's thread pool, the
-  usual first version of such a service) under the same load;
+  usual first version of such a service) under the same load (``--no-naive``: not started);
 - **stage profile**: where an image's CPU goes in the server's own code (parse, decode,
   preprocess, forward, encode; :func:`stage_profile`), per round;
 - **other servers** in the same rounds: the same server on ``torch`` when another backend is
@@ -493,6 +493,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="N",
         help="with --profile-only: also the forward pass's CPU ms per image at these batch sizes",
     )
+    p.add_argument(
+        "--no-naive", action="store_true", help="do not start or measure the naive endpoint"
+    )
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "serve.json"))
     p.add_argument("--naive-server", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -531,10 +534,9 @@ def start_servers(
     args: argparse.Namespace, model: str, procs: list[subprocess.Popen]
 ) -> dict[str, tuple[str, int]]:
     """Start every server measured (appending each process to ``procs``); returns name ->
-    (URL, pid): ``server``, ``naive``, ``cpu_decoding`` (``--compare-decoding``),
+    (URL, pid): ``server``, ``naive`` (unless ``--no-naive``), ``cpu_decoding`` (``--compare-decoding``),
     ``torch_server`` (for another backend than torch) and ``baseline_<NAME>`` per
     ``--baseline``."""
-    naive_port = free_port()
     plan: dict[str, tuple[list[str], int, Path]] = {}
     port = free_port()
     plan["server"] = (
@@ -545,11 +547,13 @@ def start_servers(
     if args.compare_decoding:
         port = free_port()
         plan["cpu_decoding"] = (server_command(args, model, port, args.backend, "off"), port, REPO)
-    plan["naive"] = (
-        [sys.executable, str(Path(__file__).resolve()), "--naive-server", str(naive_port),
-         "--model", model, "--device", args.device],
-        naive_port, REPO,
-    )  # fmt: skip
+    if not args.no_naive:
+        naive_port = free_port()
+        plan["naive"] = (
+            [sys.executable, str(Path(__file__).resolve()), "--naive-server", str(naive_port),
+             "--model", model, "--device", args.device],
+            naive_port, REPO,
+        )  # fmt: skip
     if args.backend != "torch":
         port = free_port()
         plan["torch_server"] = (server_command(args, model, port, "torch"), port, REPO)
@@ -602,39 +606,33 @@ def measure_rounds(
 
 def level_rows(results: dict[str, list[dict]], bound: float, bound_cpu: float,
                batch_s: float) -> list[dict]:  # fmt: skip
-    """One row per concurrency: the server against the bound, the naive endpoint and every
-    other server measured (``server_vs_<name>``, wall and per CPU-s)."""
+    """One row per concurrency: the server against the bound, and against every other server
+    measured (``naive`` among them unless ``--no-naive``): ``<name>_images_per_s``,
+    ``server_vs_<name>`` (wall and per CPU-s), ``<name>_p99_ms``, ..."""
     rows = []
-    others = [name for name in results if name not in ("server", "naive")]
     for i, srv in enumerate(results["server"]):
-        naive = results["naive"][i]
         row = {
             "concurrency": srv["concurrency"],
             "server_images_per_s": srv["images_per_s"],
-            "naive_images_per_s": naive["images_per_s"],
             "server_vs_bound": srv["images_per_s"] / bound,
-            "server_vs_naive": srv["images_per_s"] / naive["images_per_s"],
             "server_images_per_cpu_s": srv["images_per_cpu_s"],
-            "naive_images_per_cpu_s": naive["images_per_cpu_s"],
             "server_vs_bound_per_cpu_s": srv["images_per_cpu_s"] / bound_cpu,
-            "server_vs_naive_per_cpu_s": srv["images_per_cpu_s"] / naive["images_per_cpu_s"],
             "server_busy_cores": srv["images_per_s"] / srv["images_per_cpu_s"],
-            "naive_busy_cores": naive["images_per_s"] / naive["images_per_cpu_s"],
             "server_machine_busy_cores": srv["machine_busy_cores"],
             "server_load_generator_cores": srv["load_generator_cores"],
             "server_p50_ms": srv["p50_ms"],
             "server_p99_ms": srv["p99_ms"],
-            "naive_p50_ms": naive["p50_ms"],
-            "naive_p99_ms": naive["p99_ms"],
             "p99_over_full_batch": srv["p99_ms"] / (batch_s * 1000),
             "requests": srv["requests"],
             "server_errors": srv["errors"],
-            "naive_errors": naive["errors"],
         }
-        for name in others:
+        for name in (n for n in results if n != "server"):
             other = results[name][i]
             row[f"{name}_images_per_s"] = other["images_per_s"]
             row[f"{name}_images_per_cpu_s"] = other["images_per_cpu_s"]
+            row[f"{name}_busy_cores"] = other["images_per_s"] / other["images_per_cpu_s"]
+            row[f"{name}_p50_ms"], row[f"{name}_p99_ms"] = other["p50_ms"], other["p99_ms"]
+            row[f"{name}_errors"] = other["errors"]
             row[f"server_vs_{name}"] = srv["images_per_s"] / other["images_per_s"]
             row[f"server_vs_{name}_per_cpu_s"] = srv["images_per_cpu_s"] / other["images_per_cpu_s"]
         rows.append(row)
@@ -644,32 +642,29 @@ def level_rows(results: dict[str, list[dict]], bound: float, bound_cpu: float,
 def print_levels(rows: list[dict], others: list[str]) -> None:
     """The levels as a Markdown table, then each comparison with another server."""
     print(
-        "| c | server img/s | / bound | naive img/s | server / naive | server img/CPU-s "
-        "| / bound (CPU) | naive img/CPU-s | server / naive (CPU) | server busy cores "
+        "| c | server img/s | / bound | server img/CPU-s | / bound (CPU) | server busy cores "
         "| machine busy cores | load generator cores | server p50 ms | server p99 ms "
-        "| p99 / full batch | naive p99 ms |"
+        "| p99 / full batch |"
     )
-    print("| ---: " * 16 + "|")
+    print("| ---: " * 11 + "|")
     for r in rows:
         print(
             f"| {r['concurrency']} | {r['server_images_per_s']:.1f} | {r['server_vs_bound']:.2f} "
-            f"| {r['naive_images_per_s']:.1f} | {r['server_vs_naive']:.2f} "
             f"| {r['server_images_per_cpu_s']:.2f} | {r['server_vs_bound_per_cpu_s']:.2f} "
-            f"| {r['naive_images_per_cpu_s']:.2f} | {r['server_vs_naive_per_cpu_s']:.2f} "
             f"| {r['server_busy_cores']:.2f} | {r['server_machine_busy_cores']:.2f} "
             f"| {r['server_load_generator_cores']:.2f} | {r['server_p50_ms']:.0f} "
-            f"| {r['server_p99_ms']:.0f} | {r['p99_over_full_batch']:.2f} "
-            f"| {r['naive_p99_ms']:.0f} |"
+            f"| {r['server_p99_ms']:.0f} | {r['p99_over_full_batch']:.2f} |"
         )
     for name in others:
         print(f"\nserver / {name}:")
-        print("| c | server img/CPU-s | " + name + " img/CPU-s | ratio (CPU) | ratio (wall) |")
-        print("| ---: | ---: | ---: | ---: | ---: |")
+        print(f"| c | server img/CPU-s | {name} img/CPU-s | ratio (CPU) | ratio (wall) "
+              f"| {name} p99 ms |")  # fmt: skip
+        print("| ---: " * 6 + "|")
         for r in rows:
             print(
                 f"| {r['concurrency']} | {r['server_images_per_cpu_s']:.2f} "
                 f"| {r[f'{name}_images_per_cpu_s']:.2f} | {r[f'server_vs_{name}_per_cpu_s']:.2f} "
-                f"| {r[f'server_vs_{name}']:.2f} |"
+                f"| {r[f'server_vs_{name}']:.2f} | {r[f'{name}_p99_ms']:.0f} |"
             )
 
 
@@ -700,7 +695,7 @@ def report(args: argparse.Namespace, argv: list[str] | None, machine: dict, fx, 
         f"\nbound (offline FeatureExtractor, {fx.backend}, batch {args.batch_size}): "
         f"{bound:.1f} img/s, {bound_cpu:.2f} img/CPU-s; one full batch: {batch_s * 1000:.0f} ms"
     )
-    print_levels(rows, [n for n in results if n not in ("server", "naive")])
+    print_levels(rows, [n for n in results if n != "server"])
     machine["load_average_after"] = load_average()
     print(f"load average before {machine['load_average_before']}, "
           f"after {machine['load_average_after']}")  # fmt: skip

@@ -10,9 +10,10 @@ folder and the environment set, stdin empty, stdout and stderr to files, ``runpy
 and modules, the entry point for console scripts, and the exit functions run at the end (Ray's
 shutdown among them).
 
-Only third-party modules are imported before the fork. The project's own modules, and
-huggingface_hub and timm (which read their settings from the environment when imported), are
-imported by each program itself, as in a new interpreter. No thread exists when a child is
+Only third-party modules are imported before the fork: numpy, Pillow, scikit-learn's datasets
+(the digits), torch and torchvision. The project's own modules, and huggingface_hub and timm
+(which read their settings from the environment when imported), are imported by each program
+itself, as in a new interpreter. No thread exists when a child is
 forked. Tests that check what a brand-new process does at start-up still start one.
 
 The client is :class:`Zygote`; ``python tests/zygote.py`` is the server: one JSON request per line
@@ -110,6 +111,7 @@ def serve() -> None:
     """Preload, then run requests until stdin closes."""
     import numpy  # noqa: F401
     import PIL.Image  # noqa: F401
+    import sklearn.datasets  # noqa: F401  (digits: about 1 CPU-s per program that loads them)
     import torch  # noqa: F401
     import torchvision  # noqa: F401
 

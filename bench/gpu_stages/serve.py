@@ -20,8 +20,9 @@ def build_stage(plan: Plan, timeout_s: float) -> Stage:
     # torch: what auto serves on a GPU, and on the dry run's CPU no ONNX export or second server.
     # JPEGs decoded in each batch on the device (nvjpeg; on the dry run's CPU, torchvision's
     # decoder), against a server that decodes them in its decode threads, in the same rounds.
+    # The naive endpoint is not judged here: not started.
     command = [plan.python, "bench/serve.py", "--device", plan.device, "--backend", "torch",
-               "--decode-on-device", "on", "--compare-decoding", *sizes,
+               "--decode-on-device", "on", "--compare-decoding", "--no-naive", *sizes,
                "--out", str(out)]  # fmt: skip
 
     def judge() -> tuple[dict[str, Any], list[Check]]:

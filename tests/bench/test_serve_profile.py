@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
 import orjson
 import timm
@@ -45,3 +46,46 @@ def test_the_response_body_round_trips_float32_vectors_exactly():
     assert [d["index"] for d in body["data"]] == [0, 1, 2] and body["usage"]["images"] == 3
     packed = orjson.loads(embeddings_body(vectors[:1], "m", "base64"))["data"][0]["embedding"]
     np.testing.assert_array_equal(np.frombuffer(base64.b64decode(packed), "<f4"), vectors[0])
+
+
+def test_the_naive_endpoint_embeds_as_the_extractor_does_under_the_benchmarks_load(
+    photo_jpegs, tmp_path
+):
+    """The naive endpoint (``bench/serve.py --naive-server``; the GPU check runs the benchmark
+    with ``--no-naive``) under uvicorn in a thread on a loopback port, driven by the benchmark's
+    own closed-loop client; its row in the benchmark's table is computed from that run."""
+    import asyncio
+    import threading
+    import time
+
+    import uvicorn
+
+    model = serve.random_model_folder(tmp_path, input_px=64)
+    app = serve.naive_app(model, "cpu")
+    port = serve.free_port()
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.01)
+        url = f"http://127.0.0.1:{port}"
+        bodies = [
+            json.dumps({"input": ["data:image/jpeg;base64," + base64.b64encode(j).decode()]})
+            for j in photo_jpegs[:2]
+        ]
+        run = asyncio.run(serve.closed_loop(url, [b.encode() for b in bodies], 2, 6))
+        got = httpx.post(f"{url}/v1/embeddings", json=json.loads(bodies[0]), timeout=60).json()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+    assert run["requests"] == 6 and run["errors"] == {} and run["images_per_s"] > 0
+    expected = FeatureExtractor.from_pretrained(model, device="cpu").embed([photo_jpegs[0]])
+    np.testing.assert_allclose(got["data"][0]["embedding"], expected[0].numpy(), atol=1e-5)
+
+    level = run | {"images_per_cpu_s": 10.0, "machine_busy_cores": 1.0, "load_generator_cores": 0.1}
+    rows = serve.level_rows({"server": [level], "naive": [level | {"images_per_s": 1.0}]},
+                            bound=100.0, bound_cpu=20.0, batch_s=0.01)  # fmt: skip
+    assert rows[0]["server_vs_naive"] == run["images_per_s"]
+    assert rows[0]["naive_errors"] == {} and rows[0]["server_vs_bound_per_cpu_s"] == 0.5

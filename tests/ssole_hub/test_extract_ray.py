@@ -39,15 +39,11 @@ def image_folder(tmp_path_factory, photo_jpegs) -> Path:
     return root
 
 
-def _inputs(name, image_folder, webdataset_tars, parquet_files, parquet_odd_ids):
+def _inputs(name, image_folder, webdataset_tars, parquet_files):
     if name == "folder":
         return image_folder, {"shard_size": 3}
-    if name == "list":
-        return image_folder / "list.txt", {"shard_size": 3}
     if name == "webdataset":
         return webdataset_tars.inputs, {}
-    if name == "odd-ids":
-        return parquet_odd_ids.inputs, {}
     return parquet_files.inputs, {"image_column": "picture", "id_column": "uid"}
 
 
@@ -67,25 +63,19 @@ def _errors(out: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    ("name", "file_format", "dimensions"),
-    [
-        ("folder", "npy", None),
-        ("list", "safetensors", 64),  # compact embeddings: the folder's PCA, 64 dimensions
-        ("webdataset", "parquet", None),
-        ("parquet", "npy", None),
-        ("odd-ids", "safetensors", None),
-    ],
+    ("name", "file_format"), [("folder", "npy"), ("webdataset", "parquet"), ("parquet", "npy")]
 )
 def test_the_ray_engine_writes_what_the_plain_engine_writes(
-    name, file_format, dimensions, ray_cluster, hub_folder, pca_folder, image_folder,
-    webdataset_tars, parquet_files, parquet_odd_ids, tmp_path,
+    name, file_format, ray_cluster, hub_folder, image_folder, webdataset_tars, parquet_files,
+    tmp_path,
 ):  # fmt: skip
-    inputs, options = _inputs(name, image_folder, webdataset_tars, parquet_files, parquet_odd_ids)
-    model = hub_folder if dimensions is None else pca_folder
-    common = dict(batch_size=2, file_format=file_format, dimensions=dimensions, progress=False,
-                  **options)  # fmt: skip
-    plain = extract_dataset(model, inputs, tmp_path / "plain", num_workers=0, **common)
-    ray = extract_dataset(model, inputs, tmp_path / "ray", engine="ray", concurrency=1, **common)
+    """Also in other tests below: a list file with compact embeddings into safetensors (the
+    killed run), odd ids and unreadable parquet files."""
+    inputs, options = _inputs(name, image_folder, webdataset_tars, parquet_files)
+    common = dict(batch_size=2, file_format=file_format, progress=False, **options)
+    plain = extract_dataset(hub_folder, inputs, tmp_path / "plain", num_workers=0, **common)
+    ray = extract_dataset(hub_folder, inputs, tmp_path / "ray", engine="ray", concurrency=1,
+                          **common)  # fmt: skip
     assert (ray["engine"], plain["engine"]) == ("ray", "plain")
     assert ray["fingerprint"] == plain["fingerprint"]
     assert [s["count"] for s in ray["shards"]] == [s["count"] for s in plain["shards"]]
@@ -93,23 +83,14 @@ def test_the_ray_engine_writes_what_the_plain_engine_writes(
     plain_emb, plain_ids = read_embeddings(tmp_path / "plain")
     assert ids == plain_ids and len(ids) >= 4
     np.testing.assert_allclose(emb, plain_emb, atol=1e-5)
-    if dimensions:
-        assert (ray["dim"], ray["dimensions"], ray["pca"]) == (64, 64, plain["pca"])
-        assert emb.shape == (len(ids), 64) and plain["pca"]
-        np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     errors = _errors(tmp_path / "ray")
     assert errors == _errors(tmp_path / "plain")
     expected = {
         "folder": {"notes.jpg": "UnsupportedImageError"},
-        "list": {"notes.jpg": "UnsupportedImageError", "gone.jpg": "FileNotFoundError"},
         "webdataset": webdataset_tars.errors,  # a truncated JPEG member, a sample without image
         "parquet": parquet_files.errors,  # a row of garbage bytes, a null cell
-        "odd-ids": {},
     }[name]
     assert errors == expected
-    if name == "odd-ids":  # each line break, a null id (odd.parquet#4), a repeated id
-        assert ids == parquet_odd_ids.ids
-        assert (ray["num_duplicate_ids"], ray["duplicate_ids"]) == (1, ["twice"])
     if file_format == "parquet":  # the folder reads as one table
         import pyarrow.parquet as pq
 
@@ -133,39 +114,50 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_killed_ray_run_resumes_to_the_uninterrupted_output(
-    ray_cluster, hub_folder, image_folder, tmp_path, capsys, zygote
+def test_a_killed_ray_run_of_compact_embeddings_resumes_to_the_plain_engines_output(
+    ray_cluster, pca_folder, image_folder, tmp_path, capsys, zygote
 ):
-    """A real driver process (a child of the zygote, ``tests/zygote.py``), joined to the test's Ray instance with ``--ray-address``, is
-    SIGKILLed just before shard 1's done-marker is written (its embeddings are on disk by then):
-    partial output. The re-run, in this process, must skip shard 0 only and end identical to an
-    uninterrupted plain run."""
+    """A real driver process (a child of the zygote, ``tests/zygote.py``), joined to the test's
+    Ray instance with ``--ray-address``, extracting a list file (a text file named like a JPEG
+    and a missing file among its photos) as compact embeddings (the folder's PCA, 64
+    dimensions) into safetensors shards, is SIGKILLed just before shard 1's done-marker is
+    written (its embeddings are on disk by then): partial output. The re-run, in this process,
+    must skip shard 0 only and end identical to an uninterrupted plain run."""
     out = tmp_path / "out"
     script = tmp_path / "killed_run.py"
     script.write_text(textwrap.dedent(_KILLED_RUN))
-    args = ["extract", "--model", str(hub_folder), "--input", str(image_folder / "list.txt")]
+    args = ["extract", "--model", str(pca_folder), "--input", str(image_folder / "list.txt")]
     args += ["--out", str(out), "--batch-size", "2", "--shard-size", "2", "--no-progress"]
-    args += ["--engine", "ray", "--concurrency", "1"]
+    args += ["--engine", "ray", "--concurrency", "1", "--dimensions", "64"]
+    args += ["--format", "safetensors"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = zygote.run("script", str(script), [*args, "--ray-address", ray_cluster], REPO, env, 300)
     assert proc.returncode == -9, proc.stderr[-3000:]
-    assert (out / "_shards" / "00000.json").is_file() and (out / "embeddings-00001.npy").is_file()
+    assert (out / "_shards" / "00000.json").is_file()
+    assert (out / "embeddings-00001.safetensors").is_file()
     assert not (out / "_shards" / "00001.json").exists() and not (out / "_manifest.json").exists()
-    finished = (out / "embeddings-00000.npy").stat().st_mtime_ns
+    finished = (out / "embeddings-00000.safetensors").stat().st_mtime_ns
 
     assert main(args) == 0
     printed = capsys.readouterr()
     assert "1 of 4 shards are already finished and are skipped" in printed.err
     assert "embedded 6 of 8 images" in printed.out
-    assert (out / "embeddings-00000.npy").stat().st_mtime_ns == finished
+    assert (out / "embeddings-00000.safetensors").stat().st_mtime_ns == finished
     reference = tmp_path / "reference"
-    extract_dataset(hub_folder, image_folder / "list.txt", reference, batch_size=2, shard_size=2,
-                    num_workers=0, progress=False)  # fmt: skip
+    plain = extract_dataset(pca_folder, image_folder / "list.txt", reference, batch_size=2,
+                            shard_size=2, num_workers=0, progress=False, dimensions=64,
+                            file_format="safetensors")  # fmt: skip
+    ray = _manifest(out)
+    assert ray["fingerprint"] == plain["fingerprint"]
+    assert (ray["dim"], ray["dimensions"], ray["pca"]) == (64, 64, plain["pca"]) and plain["pca"]
     emb, ids = read_embeddings(out)
     ref_emb, ref_ids = read_embeddings(reference)
-    assert ids == ref_ids
+    assert ids == ref_ids and emb.shape == (6, 64)
     np.testing.assert_allclose(emb, ref_emb, atol=1e-5)
-    assert _errors(out) == _errors(reference)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    errors = _errors(out)
+    assert errors == _errors(reference)
+    assert errors == {"notes.jpg": "UnsupportedImageError", "gone.jpg": "FileNotFoundError"}
 
 
 class _Cluster:
@@ -263,21 +255,39 @@ def test_unreadable_tars_are_listed_and_a_rerun_after_fixing_them_resumes(
     assert pq.read_table(out).column("id").to_pylist() == tars.second_ids
 
 
-def test_unreadable_parquet_files_are_named_and_the_others_embedded(
-    ray_cluster, hub_folder, bad_parquet_files, tmp_path, capsys
+def test_unreadable_parquet_files_are_named_odd_ids_kept_and_the_rest_is_the_plain_output(
+    ray_cluster, hub_folder, bad_parquet_files, parquet_odd_ids, tmp_path, capsys
 ):
+    """A parquet file of odd ids (line breaks, a null id, a repeated one) and a good file among
+    two unreadable ones, into safetensors shards: the unreadable files are named, the ids kept
+    as they are, and the output is the plain engine's."""
+    inputs = [*parquet_odd_ids.inputs, *bad_parquet_files.inputs]
     out = tmp_path / "out"
     args = ["extract", "--model", str(hub_folder), "--out", str(out), "--engine", "ray"]
-    assert main([*args, "--input", *bad_parquet_files.inputs, "--no-progress"]) == 0
+    args += ["--format", "safetensors", "--no-progress"]
+    assert main([*args, "--input", *inputs]) == 0
     printed = capsys.readouterr()
     bad = bad_parquet_files.errors
-    assert _manifest(out)["failed_inputs"] == list(bad)
+    manifest = _manifest(out)
+    assert manifest["failed_inputs"] == list(bad)
     failures = _input_errors(out)
     assert set(failures) == set(bad)
     for path, entry in failures.items():
         assert entry["message"].startswith(f"{path} is not a readable parquet file"), entry
         assert path in printed.out
-    assert read_embeddings(out)[1] == ["p0", "p1"]
+    emb, ids = read_embeddings(out)
+    # a null id is named by its file's path under the inputs' common folder, and its row
+    folder = Path(parquet_odd_ids.inputs[0]).parent.name
+    odd = [f"{folder}/{i}" if i == "odd.parquet#4" else i for i in parquet_odd_ids.ids]
+    assert ids == [*odd, "p0", "p1"] and odd != parquet_odd_ids.ids
+    assert (manifest["num_duplicate_ids"], manifest["duplicate_ids"]) == (1, ["twice"])
+    plain = extract_dataset(hub_folder, inputs, tmp_path / "plain", file_format="safetensors",
+                            num_workers=0, progress=False)  # fmt: skip
+    assert plain["fingerprint"] == manifest["fingerprint"]
+    plain_emb, plain_ids = read_embeddings(tmp_path / "plain")
+    assert ids == plain_ids
+    np.testing.assert_allclose(emb, plain_emb, atol=1e-5)
+    assert _input_errors(out) == _input_errors(tmp_path / "plain")
     # A readable file without the image column is refused up front, by name, before Ray runs.
     good = bad_parquet_files.inputs[1]
     assert main([*args, "--input", good, "--image-column", "picture"]) == 2

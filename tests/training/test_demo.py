@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -87,9 +88,22 @@ def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
     raise AssertionError(f"server not ready at {url} after {timeout} s")
 
 
+def _run_example(command: str, zygote) -> str:
+    """Run one printed example as printed: a ``python -c CODE`` line in a child of the zygote
+    (``tests/zygote.py``, which runs it as a new interpreter would), the rest in ``bash``;
+    returns its stdout."""
+    words = shlex.split(command)
+    if len(words) == 3 and words[:2] == [sys.executable, "-c"]:
+        done = zygote.run("code", words[2], [], Path.cwd(), dict(os.environ), timeout=300)
+    else:
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (command, done.stderr[-3000:])
+    return done.stdout
+
+
 @pytest.mark.slow
 def test_demo_pipeline_serves_and_its_printed_examples_return_embeddings(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], zygote
 ) -> None:
     port = _free_port()
     out = tmp_path / "demo"
@@ -136,12 +150,7 @@ def test_demo_pipeline_serves_and_its_printed_examples_return_embeddings(
     )
     try:
         _wait_ready(f"http://127.0.0.1:{port}/ready", server)
-        outputs = [
-            subprocess.run(
-                ["bash", "-c", c], capture_output=True, text=True, timeout=300, check=True
-            ).stdout
-            for c in commands
-        ]
+        outputs = [_run_example(c, zygote) for c in commands]
     finally:
         server.terminate()
         server.wait(timeout=30)
