@@ -260,7 +260,7 @@ def test_unreadable_parquet_files_are_named_odd_ids_kept_and_the_rest_is_the_pla
 ):
     """A parquet file of odd ids (line breaks, a null id, a repeated one) and a good file among
     two unreadable ones, into safetensors shards: the unreadable files are named, the ids kept
-    as they are, and the output is the plain engine's."""
+    (a null one named by its file and row), and the output is the plain engine's."""
     inputs = [*parquet_odd_ids.inputs, *bad_parquet_files.inputs]
     out = tmp_path / "out"
     args = ["extract", "--model", str(hub_folder), "--out", str(out), "--engine", "ray"]
