@@ -11,7 +11,7 @@ What differs from a user's run is all in this file, in three tables:
 
 Steps that are Python programs (a Python block, ``python -m MODULE ARGS``, ``ssole-hub ARGS``,
 without shell syntax) run in a child forked from a process that has already imported torch and
-torchvision (``tests/zygote.py``); the rest run in ``bash``.
+torchvision (``tests/zygote.py``), the server among them; the rest run in ``bash``.
 
 A step fails when its command exits non-zero or a path it names does not exist after it ran.
 Steps that cannot run on a CPU without internet are skipped by :data:`SKIPS`, each with its
@@ -289,7 +289,7 @@ class Session:
     env: dict[str, str]
     port: int
     zygote: Any
-    server: subprocess.Popen | None = None
+    server: Any = None  # subprocess.Popen, or zygote.Child: the same methods
     ray: Any = None  # the ray module while the shared instance runs
     ray_env: dict[str, str] = field(default_factory=dict)  # what joining it takes
     skipped_paths: dict[str, str] = field(default_factory=dict)
@@ -319,11 +319,17 @@ def session(tmp_path_factory, zygote) -> Iterator[Session]:
 
 
 def _start_server(s: Session, command: str) -> None:
-    log = (s.scratch / "server.log").open("w")
-    s.server = subprocess.Popen(
-        ["bash", "-c", command], cwd=s.work, env=s.env, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # fmt: skip
+    """Start the server step in the background, in its own process group: a child of the zygote
+    when it is a Python program (:func:`python_program`), else in ``bash``."""
+    log = s.scratch / "server.log"
+    program = python_program(command)
+    if program is not None:
+        s.server = s.zygote.start(*program, s.work, s.env, stdout=log, stderr=log, new_session=True)
+    else:
+        s.server = subprocess.Popen(
+            ["bash", "-c", command], cwd=s.work, env=s.env, stdout=log.open("w"),
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if s.server.poll() is not None:

@@ -16,8 +16,11 @@ Only third-party modules are imported before the fork: numpy, Pillow, scikit-lea
 itself, as in a new interpreter. No thread exists when a child is
 forked. Tests that check what a brand-new process does at start-up still start one.
 
-The client is :class:`Zygote`; ``python tests/zygote.py`` is the server: one JSON request per line
-on stdin, answered with two lines, the child's pid and then its exit status.
+The client is :class:`Zygote`: :meth:`Zygote.run` runs a program to its end, :meth:`Zygote.start`
+starts one in the background (a server, a run to interrupt) and returns a :class:`Child`, which
+reads like ``subprocess.Popen``. ``python tests/zygote.py`` is the server: one JSON request per
+line on stdin, answered with the child's pid and then its exit status (a background child: its
+pid only; a ``poll`` request: its exit status, or null while it runs).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +85,11 @@ def _child(request: dict[str, Any]) -> None:
     import atexit
     import traceback
 
+    if request.get("new_session"):
+        os.setsid()
+    if request.get("sigint_default"):
+        # what a new interpreter installs when SIGINT is not ignored where it starts
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -88,6 +97,9 @@ def _child(request: dict[str, Any]) -> None:
     os.dup2(devnull, 0)  # not the request pipe: the program's own subprocesses inherit fd 0
     os.close(devnull)
     for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+        if fd == 2 and path == request["stdout"]:
+            os.dup2(1, 2)  # one file for both, as with ``stderr=subprocess.STDOUT``
+            continue
         out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(out, fd)
         os.close(out)
@@ -118,12 +130,18 @@ def serve() -> None:
     replies = sys.stdout
     for line in sys.stdin:
         request = json.loads(line)
+        if "poll" in request:  # a background child: its exit status, or null while it runs
+            pid, status = os.waitpid(request["poll"], os.WNOHANG)
+            print(json.dumps(os.waitstatus_to_exitcode(status) if pid else None), file=replies,
+                  flush=True)  # fmt: skip
+            continue
         pid = os.fork()
         if pid == 0:
             _child(request)
         print(pid, file=replies, flush=True)
-        _, status = os.waitpid(pid, 0)
-        print(os.waitstatus_to_exitcode(status), file=replies, flush=True)
+        if not request.get("background"):
+            _, status = os.waitpid(pid, 0)
+            print(os.waitstatus_to_exitcode(status), file=replies, flush=True)
 
 
 class Zygote:
@@ -170,10 +188,80 @@ class Zygote:
                 argv, code, out.read_text(errors="replace"), err.read_text(errors="replace")
             )
 
+    def start(
+        self,
+        kind: str,
+        target: str,
+        args: list[str],
+        cwd: Path,
+        env: dict[str, str],
+        *,
+        stdout: Path | str = os.devnull,
+        stderr: Path | str = os.devnull,
+        new_session: bool = False,
+        sigint_default: bool = False,
+    ) -> Child:
+        """Start a program in the background, as ``subprocess.Popen`` would (a server, or a run
+        to interrupt): its output goes to the files ``stdout`` and ``stderr`` (the same path for
+        both: one file, in order). ``new_session``: its own session and process group, as
+        ``start_new_session=True``; ``sigint_default``: SIGINT raises KeyboardInterrupt even when
+        the suite ignores SIGINT (as a shell's background job does)."""
+        request = {"kind": kind, "target": target, "args": list(args), "cwd": str(cwd),
+                   "env": dict(env), "stdout": str(stdout), "stderr": str(stderr),
+                   "background": True, "new_session": new_session,
+                   "sigint_default": sigint_default}  # fmt: skip
+        with self._lock:
+            self._proc.stdin.write(json.dumps(request) + "\n")
+            self._proc.stdin.flush()
+            pid = int(self._proc.stdout.readline())
+        return Child(self, pid, [kind, target, *args])
+
+    def _poll(self, pid: int) -> int | None:
+        with self._lock:
+            self._proc.stdin.write(json.dumps({"poll": pid}) + "\n")
+            self._proc.stdin.flush()
+            return json.loads(self._proc.stdout.readline())
+
     def close(self) -> None:
         """End the server (after the running program, if any)."""
         self._proc.stdin.close()
         self._proc.wait(timeout=60)
+
+
+class Child:
+    """A program :meth:`Zygote.start` started: ``pid``, ``returncode``, and ``poll``,
+    ``wait``, ``send_signal``, ``terminate`` and ``kill`` as on ``subprocess.Popen``."""
+
+    def __init__(self, zygote: Zygote, pid: int, args: list[str]) -> None:
+        self._zygote, self.pid, self.args = zygote, pid, args
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        """The exit status (negative: the signal that ended it), or None while it runs."""
+        if self.returncode is None:
+            self.returncode = self._zygote._poll(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for it to end; raises ``subprocess.TimeoutExpired`` after ``timeout`` s."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.05)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` unless it has ended (its pid is not reused before :meth:`poll` saw it
+        end: until then it stays the zygote's unreaped child)."""
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 if __name__ == "__main__":

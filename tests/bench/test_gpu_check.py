@@ -95,6 +95,7 @@ def test_dry_run_runs_every_stage_and_records_status_figures_and_targets(
     assert stages["loss"]["checks"][1]["met"]  # the fast loss agrees with the SVD one
     assert stages["train_compile"]["figures"]["bound_images_per_s"] > 0
     assert stages["ddp"]["figures"]["steps"] == 3
+    _assert_two_ranks_trained_and_wrote_one_checkpoint(tmp_path / "work" / "ddp")
     # JPEGs decoded on the device against the CPU (here torchvision's CPU decoder), both measured
     assert stages["extract"]["figures"]["device_decode_ratio"] > 0
     assert set(stages["serve"]["figures"]["device_vs_cpu_decoding"]) == {"1", "32"}
@@ -103,6 +104,23 @@ def test_dry_run_runs_every_stage_and_records_status_figures_and_targets(
     assert {"README.md", "config.json", "model.safetensors"} <= set(quality["hub_folder"])
     assert 0 <= quality["ssole_knn_top1"] <= 100
     assert "| stage | status | s | check | target | measured | met |" in printed
+
+
+def _assert_two_ranks_trained_and_wrote_one_checkpoint(run_dir: Path) -> None:
+    """The ddp stage's run: ``training.pretrain`` under torchrun, two new ranks on gloo."""
+    import torch
+
+    checkpoints = sorted((run_dir / "checkpoints").glob("*.pt"))
+    assert [p.name for p in checkpoints] == ["step_00000003.pt"]
+    state = torch.load(checkpoints[0], weights_only=True)
+    assert state["world_size"] == 2 and state["global_step"] == 3
+    assert len(state["rng"]) == 2  # one RNG state per rank
+    # The DDP wrapper is not part of the saved names: they stay timm's.
+    assert "backbone.bn1.running_mean" in state["model"]
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    train = [r for r in map(json.loads, lines) if r["event"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert all(r["images_per_s"] > 0 for r in train)
 
 
 def _stage(name: str, code: str, timeout_s: float = 60) -> object:

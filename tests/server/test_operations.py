@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -262,32 +261,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_python_m_server_logs_the_backend_auto_chose_and_the_loaded_model(tiny_model_dir, tmp_path):
-    """The real ``python -m server`` in a fresh process: its own INFO lines (which backend
-    ``auto`` chose, the model loaded and ready) reach stderr beside uvicorn's."""
+def test_python_m_server_logs_the_backend_auto_chose_and_the_loaded_model(
+    tiny_model_dir, tmp_path, zygote
+):
+    """The real ``python -m server`` in a new process (a child of the zygote,
+    ``tests/zygote.py``, which has imported none of the project, logging included): its own
+    INFO lines (which backend ``auto`` chose, the model loaded and ready) reach stderr beside
+    uvicorn's."""
     port = _free_port()
     model = f"local-dir:{tiny_model_dir}"
-    command = [sys.executable, "-m", "server", "--model", model, "--port", str(port)]
-    command += ["--device", "cpu", "--no-warmup"]
+    args = ["--model", model, "--port", str(port), "--device", "cpu", "--no-warmup"]
     stderr_path = tmp_path / "stderr.txt"
-    with stderr_path.open("w") as stderr:
-        server = subprocess.Popen(
-            command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=stderr, text=True
-        )
-        try:
-            url = f"http://127.0.0.1:{port}/ready"
+    server = zygote.start("module", "server", args, REPO_ROOT, dict(os.environ), stderr=stderr_path)
+    try:
+        url = f"http://127.0.0.1:{port}/ready"
 
-            def ready() -> bool:
-                assert server.poll() is None, stderr_path.read_text()
-                try:
-                    return httpx.get(url, timeout=5).status_code == 200
-                except httpx.TransportError:
-                    return False
+        def ready() -> bool:
+            assert server.poll() is None, stderr_path.read_text()
+            try:
+                return httpx.get(url, timeout=5).status_code == 200
+            except httpx.TransportError:
+                return False
 
-            wait_until(ready, timeout_s=120)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        wait_until(ready, timeout_s=120)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
     lines = stderr_path.read_text().splitlines()
     chose = f"INFO:     ssole_hub: backend auto: using torch for {model} on cpu ("
     assert any(line.startswith(chose) for line in lines), lines

@@ -9,7 +9,9 @@ equal the whole batch's gradients. NaN on one process raises ``ValueError`` on b
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from torch import nn
 
 from ssole_hub import ssole_loss
 
+REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
 IMAGES, VIEWS, IN_DIM, DIM = 8, 4, 12, 24
 
@@ -78,11 +81,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_ranks(port: int, out_dir: str) -> None:
+    """The two processes, forked from this one (``python THIS_FILE PORT OUT_DIR``)."""
+    mp.start_processes(_worker, args=(port, out_dir), nprocs=WORLD, start_method="fork")
+
+
 @pytest.mark.slow
-def test_two_processes_with_gather_match_one_process_with_the_whole_batch(tmp_path, monkeypatch):
-    # Spawned workers import this module by name: make sure they can find it from the repo root.
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+def test_two_processes_with_gather_match_one_process_with_the_whole_batch(tmp_path, zygote):
+    """The processes are forked by a child of the zygote (``tests/zygote.py``): a process that
+    has imported torch and used no thread, unlike this one."""
+    args = [str(_free_port()), str(tmp_path)]
+    done = zygote.run("script", __file__, args, REPO, {**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     x, encoder = _data()
     whole = _step(encoder, x, gather=False)
@@ -105,3 +115,7 @@ def test_two_processes_with_gather_match_one_process_with_the_whole_batch(tmp_pa
 
     for part in ranks:
         assert "non-finite" in part.get("bad_input_error", "")
+
+
+if __name__ == "__main__":
+    _run_ranks(int(sys.argv[1]), sys.argv[2])

@@ -74,11 +74,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+def _wait_ready(url: str, proc, stderr: Path, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}: {proc.stderr.read()}")
+            raise AssertionError(f"server exited with {proc.returncode}: {stderr.read_text()}")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
@@ -141,15 +141,11 @@ def test_demo_pipeline_serves_and_its_printed_examples_return_embeddings(
     run_demo(out, port=port, eval_limit=50)
     assert checkpoint.stat().st_mtime_ns == mtime
 
-    server = subprocess.Popen(
-        [sys.executable, "-m", "server", "--model", f"local-dir:{model_dir}", "--port", str(port)],
-        cwd=REPO_ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    # the server and the examples: children of the zygote (tests/zygote.py)
+    args, stderr = ["--model", f"local-dir:{model_dir}", "--port", str(port)], tmp_path / "err"
+    server = zygote.start("module", "server", args, REPO_ROOT, dict(os.environ), stderr=stderr)
     try:
-        _wait_ready(f"http://127.0.0.1:{port}/ready", server)
+        _wait_ready(f"http://127.0.0.1:{port}/ready", server, stderr)
         outputs = [_run_example(c, zygote) for c in commands]
     finally:
         server.terminate()

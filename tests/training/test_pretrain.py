@@ -1,9 +1,9 @@
-"""End-to-end pre-training on real digits: learning, exact resume, checkpoints, failures, torchrun."""
+"""End-to-end pre-training on real digits: learning, exact resume, checkpoints, failures. (Two
+ranks under torchrun: the GPU check's dry run, ``tests/bench/test_gpu_check.py``.)"""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -127,34 +127,6 @@ def test_command_line_rejects_a_bad_override_before_training(tmp_path, capsys):
     assert code == 2
     assert "optim.lr must be a number" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
-
-
-@pytest.mark.slow
-def test_two_process_torchrun_on_cpu_trains_and_writes_one_checkpoint(tmp_path, zygote):
-    """torchrun (its launcher a child of the zygote, ``tests/zygote.py``) starts two new ranks."""
-    out = tmp_path / "runs"
-    args = [
-        "--standalone", "--nproc_per_node", "2", "-m", "training.pretrain",
-        "--config", str(REPO / "training" / "configs" / "digits_demo.yaml"),
-        f"output_dir={out}", "run_name=ddp", "device=cpu", "max_steps=3",
-        "data.batch_size=8", "data.num_workers=0", "views.num_views=2", "views.size=16",
-        "model.projector_hidden=64", "model.projector_out=64", "knn.every_epochs=0",
-        "knn.at_start=false", "log_every_steps=1",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = zygote.run("module", "torch.distributed.run", args, REPO, env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpts = sorted((out / "ddp" / "checkpoints").glob("*.pt"))
-    assert [p.name for p in ckpts] == ["step_00000003.pt"]
-    state = torch.load(ckpts[0], weights_only=True)
-    assert state["world_size"] == 2 and state["global_step"] == 3
-    assert len(state["rng"]) == 2  # one RNG state per rank
-    # The DDP wrapper is not part of the saved names: they stay timm's.
-    assert "backbone.bn1.running_mean" in state["model"]
-    records = _log(out / "ddp")
-    assert [r["step"] for r in records] == [1, 2, 3]
-    # Both ranks' images count: 2 x 8 per step.
-    assert all(r["images_per_s"] > 0 for r in records)
 
 
 def test_batch_views_on_the_device_depend_only_on_seed_and_step(tiny_config):

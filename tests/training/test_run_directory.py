@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -83,35 +81,30 @@ def test_resume_refuses_a_checkpoint_another_method_wrote(tiny_config):
         )
 
 
-def _sigint_as_in_a_terminal() -> None:
-    """A suite started in the background by a non-interactive shell (``cmd &``) ignores SIGINT,
-    its children inherit that, and Python then never turns SIGINT into KeyboardInterrupt: give
-    the run the default disposition a terminal's Ctrl-C meets."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def test_ctrl_c_prints_how_to_resume_instead_of_a_traceback(tmp_path):
-    cmd = [
-        sys.executable, "-m", "training.pretrain", "--config", "training/configs/digits_demo.yaml",
-        f"output_dir={tmp_path}", "run_name=cut", "checkpoint_every_steps=1", "data.num_workers=0",
-        "knn.at_start=false", "knn.every_epochs=0", "device=cpu",
+def test_ctrl_c_prints_how_to_resume_instead_of_a_traceback(tmp_path, zygote):
+    """The run is a child of the zygote (``tests/zygote.py``) with SIGINT as a terminal's Ctrl-C
+    meets it: a suite started in the background by a non-interactive shell (``cmd &``) ignores
+    SIGINT, its children inherit that, and Python then never turns SIGINT into
+    KeyboardInterrupt."""
+    args = [
+        "--config", "training/configs/digits_demo.yaml", f"output_dir={tmp_path}", "run_name=cut",
+        "checkpoint_every_steps=1", "data.num_workers=0", "knn.at_start=false",
+        "knn.every_epochs=0", "device=cpu",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    log = tmp_path / "stderr.log"  # a file, not a pipe: a full pipe would stall the run
-    with log.open("wb") as err:
-        proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err,
-            preexec_fn=_sigint_as_in_a_terminal,
-        )  # fmt: skip
-        checkpoints = tmp_path / "cut" / "checkpoints"
-        deadline = time.monotonic() + 300
-        while proc.poll() is None and time.monotonic() < deadline:
-            if any(checkpoints.glob("step_*.pt")):  # older ones are pruned: any step will do
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, "the run ended before it could be interrupted"
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+    log = tmp_path / "stderr.log"
+    proc = zygote.start(
+        "module", "training.pretrain", args, REPO, env, stderr=log, sigint_default=True
+    )
+    checkpoints = tmp_path / "cut" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any(checkpoints.glob("step_*.pt")):  # older ones are pruned: any step will do
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
     text = log.read_text()
     assert proc.returncode == 130, text
     assert "Traceback" not in text, text
