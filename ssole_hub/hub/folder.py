@@ -18,9 +18,9 @@ safetensors files.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import safetensors.torch
 import timm
@@ -31,6 +31,8 @@ from torch import nn
 from ssole_hub.errors import HubFolderError
 from ssole_hub.hub.fetch import Fetch
 from ssole_hub.models import SSOLEProjector
+
+M = TypeVar("M", bound=nn.Module)
 
 __all__ = [
     "CHECKPOINT_SUFFIXES",
@@ -43,6 +45,8 @@ __all__ = [
     "SSOLE_FILE",
     "WEIGHTS_FILE",
     "build_projector",
+    "built_with",
+    "check_fits",
     "drop_classifier",
     "has_projector",
     "load_checked",
@@ -106,6 +110,40 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
     """``load_state_dict(strict=True)`` with an error that names every key that does not fit."""
+    check_fits(module, state, what)
+    module.load_state_dict(state, strict=True)
+
+
+def built_with(
+    build: Callable[[], M],
+    state: Mapping[str, torch.Tensor] | Callable[[M], Mapping[str, torch.Tensor]] | None,
+    what: str,
+) -> M:
+    """``build()``, with ``state`` loaded as :func:`load_checked` loads it, but without first
+    initialising the weights that ``state`` replaces (most of a ResNet-18's load time): the
+    module is built on the meta device and the checked tensors become its own, cast to its
+    dtypes. ``state`` may be a function of the built module (its config names what to drop);
+    None: built as usual. A module with tensors outside its state dict (non-persistent buffers,
+    which no file holds) is built on the CPU and loaded instead."""
+    if state is None:
+        return build()
+    with torch.device("meta"):
+        module = build()
+    state = state(module) if callable(state) else state
+    expected = module.state_dict()
+    if any(name not in expected for name, _ in module.named_buffers()):
+        module = build()
+        load_checked(module, state, what)
+        return module
+    check_fits(module, state, what)
+    cast = {k: v.to(expected[k].dtype) for k, v in state.items()}
+    module.load_state_dict(cast, strict=True, assign=True)
+    return module
+
+
+def check_fits(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`HubFolderError` naming every key of ``state`` that does not fit ``module``:
+    missing, unexpected, or of another shape."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -123,7 +161,6 @@ def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], what: str
         problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
     if problems:
         raise HubFolderError(f"{what} do not fit {type(module).__name__}: " + "; ".join(problems))
-    module.load_state_dict(state, strict=True)
 
 
 def build_projector(
@@ -134,17 +171,16 @@ def build_projector(
 ) -> SSOLEProjector:
     """Build a projector from its config, check it fits the backbone, load ``state`` if given."""
     try:
-        projector = SSOLEProjector(**config)
+        with torch.device("meta"):  # the config checked, nothing computed
+            in_dim = SSOLEProjector(**config).config["in_dim"]
     except (TypeError, ValueError) as exc:
         raise HubFolderError(f"{what}: invalid projector_config {dict(config)} ({exc})") from exc
-    if projector.config["in_dim"] != num_features:
+    if in_dim != num_features:
         raise HubFolderError(
-            f"{what}: projector in_dim {projector.config['in_dim']} does not match the "
-            f"backbone's {num_features} features"
+            f"{what}: projector in_dim {in_dim} does not match the backbone's {num_features} "
+            "features"
         )
-    if state is not None:
-        load_checked(projector, state, f"{what} weights")
-    return projector
+    return built_with(lambda: SSOLEProjector(**config), state, f"{what} weights")
 
 
 def read_backbone(fetch: Fetch, timm_name: str, pretrained: bool) -> nn.Module:
@@ -158,14 +194,18 @@ def read_backbone(fetch: Fetch, timm_name: str, pretrained: bool) -> nn.Module:
     for key in ("mean", "std", "input_size"):
         if key not in (config.get("pretrained_cfg") or {}):
             raise HubFolderError(f"{CONFIG_FILE} lacks pretrained_cfg[{key!r}] (preprocessing)")
+
     # timm's own source prefixes parse config.json, so the model's pretrained_cfg is exactly what
     # vanilla timm gives; weights are loaded below, from safetensors only, with clear errors.
-    backbone = timm.create_model(timm_name, pretrained=False, num_classes=0)
-    if pretrained:
+    def without_classifier(backbone: nn.Module) -> Mapping[str, torch.Tensor]:
         state = read_safetensors(fetch(WEIGHTS_FILE), WEIGHTS_FILE)
-        state = drop_classifier(state, backbone.pretrained_cfg.get("classifier"))
-        load_checked(backbone, state, WEIGHTS_FILE)
-    return backbone
+        return drop_classifier(state, backbone.pretrained_cfg.get("classifier"))
+
+    return built_with(
+        lambda: timm.create_model(timm_name, pretrained=False, num_classes=0),
+        without_classifier if pretrained else None,
+        WEIGHTS_FILE,
+    )
 
 
 def read_projector(

@@ -32,9 +32,9 @@ from ssole_hub.hub.folder import (
     SSOLE_FILE,
     WEIGHTS_FILE,
     build_projector,
+    built_with,
     drop_classifier,
     has_projector,
-    load_checked,
     read_backbone,
     read_json,
     read_projector,
@@ -163,8 +163,11 @@ def _load_registered(name: str, pretrained: bool) -> tuple[nn.Module, Fetch | No
     fetch = hub_fetch(repo_id, revision or None)
     # Fetch before building the model, so a missing download fails fast.
     state = read_safetensors(fetch(filename), f"{hub_id}/{filename}")
-    backbone = timm.create_model(name, pretrained=False, num_classes=0)
-    load_checked(backbone, drop_classifier(state, cfg.classifier), f"{hub_id}/{filename}")
+    backbone = built_with(
+        lambda: timm.create_model(name, pretrained=False, num_classes=0),
+        drop_classifier(state, cfg.classifier),
+        f"{hub_id}/{filename}",
+    )
     return backbone, fetch
 
 
@@ -175,13 +178,17 @@ def _load_checkpoint_model(path: Path, pretrained: bool, with_projector: bool | 
     overlay = {k: v for k, v in ckpt.pretrained_cfg.items() if k in EXPORTED_CFG_KEYS}
     # A checkpoint is not the published recipe: do not point back at the tag's Hub repo.
     overlay.update(hf_hub_id=None, hf_hub_filename=None, tag=overlay.get("tag"))
-    backbone = timm.create_model(
-        ckpt.arch, pretrained=False, num_classes=0, pretrained_cfg_overlay=overlay
-    )
-    if pretrained:
-        state = drop_classifier(ckpt.backbone, backbone.pretrained_cfg.get("classifier"))
-        load_checked(backbone, state, f"{path} backbone weights")
-    backbone.eval()
+
+    def build() -> nn.Module:
+        return timm.create_model(
+            ckpt.arch, pretrained=False, num_classes=0, pretrained_cfg_overlay=overlay
+        )
+
+    def weights(backbone: nn.Module) -> dict[str, Any]:
+        return drop_classifier(ckpt.backbone, backbone.pretrained_cfg.get("classifier"))
+
+    what = f"{path} backbone weights"
+    backbone = built_with(build, weights if pretrained else None, what).eval()
     if with_projector is False:
         return backbone
     if not ckpt.projector_config:

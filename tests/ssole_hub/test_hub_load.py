@@ -13,6 +13,7 @@ import torch
 
 import ssole_hub
 from ssole_hub import HubFolderError, SSOLEModel
+from ssole_hub.hub.folder import built_with
 
 VANILLA_TIMM_SCRIPT = """
 import json, sys
@@ -242,3 +243,32 @@ def test_load_model_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     path.write_bytes(b"\x00" * 100)
     with pytest.raises(ValueError, match="not a readable torch checkpoint"):
         ssole_hub.load_model(path)
+
+
+def test_weights_are_assigned_to_a_model_built_without_initialising_it():
+    """``built_with``: the loaded tensors are the file's, cast to the model's dtypes, nothing is
+    left on the meta device; a module with a non-persistent buffer is built and loaded as
+    usual; weights that do not fit are named."""
+    torch.manual_seed(0)
+    source = timm.create_model("resnet18", num_classes=0).state_dict()
+    state = {k: v.bfloat16() if v.is_floating_point() else v for k, v in source.items()}
+    built = built_with(lambda: timm.create_model("resnet18", num_classes=0), state, "weights")
+    loaded = built.state_dict()
+    assert loaded.keys() == source.keys()
+    for name, tensor in loaded.items():
+        assert tensor.device.type == "cpu" and tensor.dtype == source[name].dtype, name
+        assert torch.equal(tensor, state[name].to(tensor.dtype)), name
+    assert all(p.requires_grad for p in built.parameters())
+
+    class Scaled(torch.nn.Linear):
+        def __init__(self) -> None:
+            super().__init__(3, 2)
+            self.register_buffer("scale", torch.full((1,), 2.0), persistent=False)
+
+    weights = torch.nn.Linear(3, 2).state_dict()
+    scaled = built_with(Scaled, weights, "weights")
+    assert scaled.scale.item() == 2.0 and torch.equal(scaled.weight, weights["weight"])
+
+    cut = {k: v for k, v in state.items() if not k.startswith("layer4.1.")}
+    with pytest.raises(HubFolderError, match=r"cut weights do not fit ResNet: \d+ missing keys"):
+        built_with(lambda: timm.create_model("resnet18", num_classes=0), cut, "cut weights")
