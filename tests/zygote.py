@@ -173,9 +173,7 @@ class Zygote:
             out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
             request = {"kind": kind, "target": target, "args": list(args), "cwd": str(cwd),
                        "env": dict(env), "stdout": str(out), "stderr": str(err)}  # fmt: skip
-            self._proc.stdin.write(json.dumps(request) + "\n")
-            self._proc.stdin.flush()
-            pid = int(self._proc.stdout.readline())
+            pid = int(self._ask(request))
             expired = threading.Event()
             timer = threading.Timer(timeout, lambda: (expired.set(), os.kill(pid, signal.SIGKILL)))
             timer.start()
@@ -211,16 +209,18 @@ class Zygote:
                    "background": True, "new_session": new_session,
                    "sigint_default": sigint_default}  # fmt: skip
         with self._lock:
-            self._proc.stdin.write(json.dumps(request) + "\n")
-            self._proc.stdin.flush()
-            pid = int(self._proc.stdout.readline())
+            pid = int(self._ask(request))
         return Child(self, pid, [kind, target, *args])
 
     def _poll(self, pid: int) -> int | None:
         with self._lock:
-            self._proc.stdin.write(json.dumps({"poll": pid}) + "\n")
-            self._proc.stdin.flush()
-            return json.loads(self._proc.stdout.readline())
+            return json.loads(self._ask({"poll": pid}))
+
+    def _ask(self, request: dict[str, Any]) -> str:
+        """Send one request and read the first line of its answer (the caller holds the lock)."""
+        self._proc.stdin.write(json.dumps(request) + "\n")
+        self._proc.stdin.flush()
+        return self._proc.stdout.readline()
 
     def close(self) -> None:
         """End the server (after the running program, if any)."""
