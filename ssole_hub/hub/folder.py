@@ -46,7 +46,6 @@ __all__ = [
     "WEIGHTS_FILE",
     "build_projector",
     "built_with",
-    "check_fits",
     "drop_classifier",
     "has_projector",
     "load_checked",
@@ -110,7 +109,7 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
 
 def load_checked(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
     """``load_state_dict(strict=True)`` with an error that names every key that does not fit."""
-    check_fits(module, state, what)
+    _check_fits(module, state, what)
     module.load_state_dict(state, strict=True)
 
 
@@ -124,24 +123,28 @@ def built_with(
     module is built on the meta device and the checked tensors become its own, cast to its
     dtypes. ``state`` may be a function of the built module (its config names what to drop);
     None: built as usual. A module with tensors outside its state dict (non-persistent buffers,
-    which no file holds) is built on the CPU and loaded instead."""
+    which no file holds), or one whose constructor computes with tensors, is built on the CPU
+    and loaded instead."""
     if state is None:
         return build()
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            module = build()
+    except (RuntimeError, NotImplementedError):  # e.g. ``.item()`` on a meta tensor
+        module = None
+    if module is None or set(dict(module.named_buffers())) - set(module.state_dict()):
         module = build()
+        load_checked(module, state(module) if callable(state) else state, what)
+        return module
     state = state(module) if callable(state) else state
     expected = module.state_dict()
-    if any(name not in expected for name, _ in module.named_buffers()):
-        module = build()
-        load_checked(module, state, what)
-        return module
-    check_fits(module, state, what)
+    _check_fits(module, state, what)
     cast = {k: v.to(expected[k].dtype) for k, v in state.items()}
     module.load_state_dict(cast, strict=True, assign=True)
     return module
 
 
-def check_fits(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
+def _check_fits(module: nn.Module, state: Mapping[str, torch.Tensor], what: str) -> None:
     """Raise :class:`HubFolderError` naming every key of ``state`` that does not fit ``module``:
     missing, unexpected, or of another shape."""
     expected = module.state_dict()

@@ -247,8 +247,8 @@ def test_load_model_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
 
 def test_weights_are_assigned_to_a_model_built_without_initialising_it():
     """``built_with``: the loaded tensors are the file's, cast to the model's dtypes, nothing is
-    left on the meta device; a module with a non-persistent buffer is built and loaded as
-    usual; weights that do not fit are named."""
+    left on the meta device; a module with a non-persistent buffer, or whose constructor reads
+    a tensor's value, is built and loaded as usual; weights that do not fit are named."""
     torch.manual_seed(0)
     source = timm.create_model("resnet18", num_classes=0).state_dict()
     state = {k: v.bfloat16() if v.is_floating_point() else v for k, v in source.items()}
@@ -265,9 +265,16 @@ def test_weights_are_assigned_to_a_model_built_without_initialising_it():
             super().__init__(3, 2)
             self.register_buffer("scale", torch.full((1,), 2.0), persistent=False)
 
+    class Computed(torch.nn.Linear):  # a constructor that reads a tensor's value
+        def __init__(self) -> None:
+            super().__init__(3, 2)
+            self.steps = int(torch.ones(()).item())
+
     weights = torch.nn.Linear(3, 2).state_dict()
     scaled = built_with(Scaled, weights, "weights")
     assert scaled.scale.item() == 2.0 and torch.equal(scaled.weight, weights["weight"])
+    computed = built_with(Computed, weights, "weights")
+    assert computed.steps == 1 and torch.equal(computed.weight, weights["weight"])
 
     cut = {k: v for k, v in state.items() if not k.startswith("layer4.1.")}
     with pytest.raises(HubFolderError, match=r"cut weights do not fit ResNet: \d+ missing keys"):
