@@ -130,15 +130,17 @@ def built_with(
     try:
         with torch.device("meta"):
             module = build()
+        on_meta = not set(dict(module.named_buffers())) - set(module.state_dict())
     except (RuntimeError, NotImplementedError):  # e.g. ``.item()`` on a meta tensor
-        module = None
-    if module is None or set(dict(module.named_buffers())) - set(module.state_dict()):
+        on_meta = False
+    if not on_meta:
         module = build()
-        load_checked(module, state(module) if callable(state) else state, what)
-        return module
     state = state(module) if callable(state) else state
-    expected = module.state_dict()
+    if not on_meta:
+        load_checked(module, state, what)
+        return module
     _check_fits(module, state, what)
+    expected = module.state_dict()
     cast = {k: v.to(expected[k].dtype) for k, v in state.items()}
     module.load_state_dict(cast, strict=True, assign=True)
     return module
