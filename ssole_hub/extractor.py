@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -53,6 +53,7 @@ from ssole_hub.runtimes.backends import (
     candidate_backends,
     fastest_backend,
 )
+from ssole_hub.runtimes.conv_fusion import fuse_conv_activations
 from ssole_hub.runtimes.eager import default_device, inference_model, resolve_dtype
 from ssole_hub.runtimes.openvino import OnnxModel
 
@@ -195,7 +196,7 @@ class FeatureExtractor:
             # channels_last lets cuDNN and oneDNN pick their fastest convolution kernels.
             self.model = inference_model(model).to(self.device, memory_format=torch.channels_last)
         self.dims: dict[Output, int] = self.model.output_dims
-        self._run = torch.compile(self.model) if compile else self.model
+        self._run = self._forward_runner(compile)
         self._set_decoding(fast_decode, decode_check)
         self.pca: PCA | None = None
         self._no_pca = f"{self.model_id} has no fitted PCA"
@@ -204,6 +205,20 @@ class FeatureExtractor:
         self.device_decoder: DeviceDecoder | None = None
         self.device_decoding: dict[str, Any] = {"on": False}
         self._set_device_decoding(device_decode)
+
+    def _forward_runner(self, compile: bool) -> Callable[..., torch.Tensor]:
+        """What runs the forward pass: the model compiled; on a CPU in float32, the model with
+        its convolutions fused with the adds and ReLUs after them
+        (:func:`~ssole_hub.runtimes.conv_fusion.fuse_conv_activations`, the same numbers);
+        else the model itself."""
+        if compile:
+            return torch.compile(self.model)
+        on_cpu_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
+        if isinstance(self.model, SSOLEModel) and on_cpu_fp32:
+            fused = fuse_conv_activations(self.model.backbone)
+            if fused is not None:
+                return SSOLEModel(fused, self.model.projector)
+        return self.model
 
     def _use_pca(self, pca: PCA) -> None:
         width = self.dims.get(pca.output)
