@@ -6,7 +6,7 @@ exactly what its hub folder's ``config.json`` says it was trained on.
 
 timm's usual eval transform (resize the shorter side, centre crop, to tensor, normalise) runs as
 :class:`CropResize`: one resample of only the part of the image the crop keeps, then one
-conversion to a normalised tensor, for about 40% less CPU. It samples the image at the same points
+conversion to a normalised tensor, for about a third less CPU. It samples the image at the same points
 with the same filter as timm's steps; Pillow may resample the rows and the columns in the other
 order, which rounds the intermediate image differently, so values differ from timm's by a mean of
 0.01-0.05 levels of 255 (up to about 10 on single values) and embeddings keep a cosine above

@@ -5,8 +5,8 @@ three passes over the activations. oneDNN, which runs the convolution, can apply
 ReLU to each value as it writes it (torch.ops.mkldnn._convolution_pointwise, the kernel
 ``torch.compile`` fuses these into on the CPU). :func:`fuse_conv_activations` rewrites a traced
 module to call it: the same float32 function (bit for bit on the models tested), with two passes
-fewer per block. ResNet-18 on 2 cores: 3.6% less CPU per image at batch 8, 10% at 64
-(BENCHMARKS.md).
+fewer per block. On 2 cores, CPU per image at batch 8 and 64: 4% and 11% less for ResNet-18, 6% and
+19% less for ResNet-50 (BENCHMARKS.md).
 """
 
 from __future__ import annotations
