@@ -6,11 +6,11 @@ exactly what its hub folder's ``config.json`` says it was trained on.
 
 timm's usual eval transform (resize the shorter side, centre crop, to tensor, normalise) runs as
 :class:`CropResize`: one resample of only the part of the image the crop keeps, then one
-conversion to a normalised tensor, for about a third less CPU. It samples the image at the same points
-with the same filter as timm's steps; Pillow may resample the rows and the columns in the other
-order, which rounds the intermediate image differently, so values differ from timm's by a mean of
-0.01-0.05 levels of 255 (up to about 10 on single values) and embeddings keep a cosine above
-0.99999 (BENCHMARKS.md). Any other pipeline, and any input that is not an RGB PIL image, runs
+conversion to a normalised tensor, for about a third less CPU. It samples the image at the same
+points with the same filter as timm's steps; Pillow may resample the rows and the columns in the
+other order, which rounds the intermediate image differently, so values differ from timm's by a
+mean of 0.01-0.05 levels of 255 (up to about 10 on single values) and embeddings keep a cosine
+above 0.99999 (BENCHMARKS.md). Any other pipeline, and any input that is not an RGB PIL image, runs
 through timm's transform itself.
 """
 

@@ -9,6 +9,7 @@ import torch
 from torch import fx, nn
 
 from ssole_hub import FeatureExtractor
+from ssole_hub.runtimes import conv_fusion
 from ssole_hub.runtimes.conv_fusion import _FusedConv, fuse_conv_activations
 from ssole_hub.runtimes.eager import inference_model
 
@@ -116,3 +117,16 @@ def test_the_extractor_runs_fused_on_the_cpu_in_float32_only(hub_folder):
     assert isinstance(fp32._run.backbone, fx.GraphModule) and fused_layers(fp32._run)
     assert not fused_layers(bf16._run)
     assert not fused_layers(fp32.model)  # the model users see is the plain one
+
+
+def test_without_onednn_nothing_is_fused_and_the_extractor_runs_the_plain_model(
+    hub_folder, monkeypatch
+):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    conv_fusion._fusion_works.cache_clear()
+    try:
+        assert fuse_conv_activations(Block(reuse_residual=False).eval()) is None
+        fx_plain = FeatureExtractor.from_pretrained(hub_folder, device="cpu")
+        assert fx_plain._run is fx_plain.model
+    finally:
+        conv_fusion._fusion_works.cache_clear()

@@ -14,7 +14,7 @@ from ssole_hub.preprocessing import CropResize, resolve_preprocessing
 
 CONFIGS = {
     "bicubic-224": {"input_size": (3, 224, 224), "interpolation": "bicubic", "crop_pct": 0.875},
-    "bilinear-64-no-margin": {"input_size": (3, 64, 64), "interpolation": "bilinear", "crop_pct": 1},
+    "bilinear-64-whole": {"input_size": (3, 64, 64), "interpolation": "bilinear", "crop_pct": 1},
     "lanczos-160": {
         "input_size": (3, 160, 160), "interpolation": "lanczos", "crop_pct": 0.95,
         "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
