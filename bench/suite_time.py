@@ -86,7 +86,7 @@ def run_suite(worktree: Path, settle_below: float) -> dict[str, Any]:
     last = (done.stdout.strip().splitlines() or [""])[-1]
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", last)}
     return {
-        "command": " ".join(command),
+        "command": " ".join(command).replace(sys.executable, "python"),  # no machine paths
         "seconds": round(seconds, 1),
         "returncode": done.returncode,
         "counts": counts,
