@@ -250,6 +250,8 @@ async def list_models(request: Request) -> ModelList:
         dimensions=dict(service.backend.dimensions) if service.backend else {},
         backend=service.backend.backend_name if service.backend else None,
         backend_timings=dict(service.backend.backend_timings) if service.backend else {},
+        batch_size=service.batcher.target_size if service.batcher else None,
+        batch_timings={str(n): round(ms, 3) for n, ms in service.batch_timings.items()},
         reduced_decoding=service.backend.reduced_decoding if service.backend else None,
         device_decoding=dict(service.backend.device_decoding) if service.backend else None,
         pca=CompactSizes(**service.backend.pca)

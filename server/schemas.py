@@ -120,6 +120,16 @@ class ModelCard(BaseModel):
         description="milliseconds per image of each backend that `auto` timed at load on this "
         "machine (it serves the fastest); empty when the backend was given",
     )
+    batch_size: int | None = Field(
+        default=None,
+        description="the batch size the batcher aims at and takes at most: the one whose forward "
+        "pass cost least per image when timed at start-up (`batch_timings`)",
+    )
+    batch_timings: dict[str, float] = Field(
+        default_factory=dict,
+        description="milliseconds per image of the forward pass by batch size, timed at start-up; "
+        "empty when not timed (`warmup` off)",
+    )
     reduced_decoding: bool | None = Field(
         default=None,
         description="whether large JPEGs are decoded at a reduced DCT scale (on where the "
