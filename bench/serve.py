@@ -569,6 +569,20 @@ def start_servers(
     return urls
 
 
+def served_models(urls: dict[str, tuple[str, int]]) -> dict[str, dict | None]:
+    """Each server's backend and the batch size it aims at, from its ``/v1/models`` (``None``
+    where there is none, as for the naive endpoint; older servers give fewer fields)."""
+    import httpx
+
+    cards: dict[str, dict | None] = {}
+    for name, (url, _) in urls.items():
+        response = httpx.get(f"{url}/v1/models", timeout=10)
+        card = response.json()["data"][0] if response.status_code == 200 else None
+        keys = ("backend", "backend_timings", "batch_size", "batch_timings")
+        cards[name] = {k: card.get(k) for k in keys} if card else None
+    return cards
+
+
 def measure_rounds(
     args: argparse.Namespace,
     offline: OfflineBound,
@@ -747,11 +761,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         try:
             urls = start_servers(args, model, procs)
+            cards = served_models(urls)
             raw = measure_rounds(args, offline, urls, images, bodies)
         finally:
             for proc in procs:
                 stop(proc)
     record = report(args, argv, machine, offline.fx, raw)
+    record["served_models"] = cards
+    for name, card in cards.items():
+        if card and card.get("batch_size") is not None:
+            print(f"{name}: {card['backend']}, batches of {card['batch_size']} "
+                  f"(ms per image by batch size: {card['batch_timings']})")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
