@@ -123,7 +123,7 @@ class ModelCard(BaseModel):
     batch_size: int | None = Field(
         default=None,
         description="the batch size the batcher aims at and takes at most: the one whose forward "
-        "pass cost least per image when timed at start-up (`batch_timings`)",
+        "pass cost least per image when timed at start-up (`batch_timings`), else the maximum",
     )
     batch_timings: dict[str, float] = Field(
         default_factory=dict,
