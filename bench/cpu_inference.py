@@ -45,19 +45,23 @@ UNSEEN_PHOTOS = ("cat", "immunohistochemistry", "retina", "coins", "page", "bric
 
 def preprocessing_cost(rounds: int) -> dict[str, float]:
     """Thread CPU ms per image of timm's steps and of CropResize (medians of ``rounds``), on
-    one torch thread, as the server's decode threads run them (the caller restores the count)."""
+    one torch thread, as the server's decode threads run them."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     config, ours = resolve_preprocessing(timm.create_model("ssole_resnet18"))
     theirs = create_transform(**config, is_training=False)
     images = [decode_image(j, draft_size=256) for j in photo_jpegs()]
     times: dict[str, list[float]] = {"timm steps": [], "one resample": []}
-    for _ in range(rounds):
-        for name, transform in (("timm steps", theirs), ("one resample", ours)):
-            start = time.thread_time()
-            for _ in range(10):
-                for img in images:
-                    transform(img)
-            times[name].append((time.thread_time() - start) * 1000 / (10 * len(images)))
+    try:
+        for _ in range(rounds):
+            for name, transform in (("timm steps", theirs), ("one resample", ours)):
+                start = time.thread_time()
+                for _ in range(10):
+                    for img in images:
+                        transform(img)
+                times[name].append((time.thread_time() - start) * 1000 / (10 * len(images)))
+    finally:
+        torch.set_num_threads(threads)
     return {name: round(statistics.median(t), 3) for name, t in times.items()}
 
 
@@ -129,7 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average before: {record['load_average_before']}")
     threads = torch.get_num_threads()
     cost = preprocessing_cost(args.rounds)
-    torch.set_num_threads(threads)
     agreement = preprocessing_agreement()
     print("\n| preprocessing | thread CPU ms per image |\n| --- | ---: |")
     for name, ms in cost.items():
