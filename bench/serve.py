@@ -12,8 +12,10 @@ What is measured, side by side on the same real photos (scikit-image, JPEG):
 - **stage profile**: where an image's CPU goes in the server's own code (parse, decode,
   preprocess, forward, encode; :func:`stage_profile`), per round;
 - **other servers** in the same rounds: the same server on ``torch`` when another backend is
-  measured, and ``--baseline NAME=DIR``: the server of another checkout (e.g. a git worktree of an
-  older commit) on the same model folder and settings.
+  measured, ``--baseline NAME=DIR``: the server of another checkout (e.g. a git worktree of an
+  older commit) on the same model folder and settings, and ``--fixed-batches N ...``: the same
+  server with its batches' target (and largest) size fixed at N, without the start-up timing that
+  otherwise chooses it.
 
 Ratios (server / bound, server / naive, p99 / time of one full batch) come from this one run,
 in interleaved rounds (bound, then each level against both servers), medians over rounds.
@@ -27,6 +29,7 @@ load average before and after, and the CPU model and flags, go into the JSON.
     python bench/serve.py --backend onnx-int8   # and the same server on torch, in the same rounds
     python bench/serve.py --profile-only --backend torch --forward-batches 8 64
     python bench/serve.py --baseline old=/tmp/old-main   # after: git worktree add /tmp/old-main REV
+    python bench/serve.py --backend torch --no-naive --fixed-batches 4 8 16 32 64
     python bench/serve.py --device cuda --batch-size 64 --requests 2048
 """
 
@@ -468,6 +471,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "a git worktree of main), in the same rounds: server / NAME; repeatable",
     )
     p.add_argument(
+        "--fixed-batches",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="N",
+        help="also serve with the batches' target and largest size fixed at each N (no start-up "
+        "timing), in the same rounds: server / batch_N, and each against the bound",
+    )
+    p.add_argument(
         "--decode-on-device",
         default="auto",
         choices=["auto", "on", "off"],
@@ -516,17 +528,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def server_command(
-    args: argparse.Namespace, model: str, port: int, backend: str, decoding: str = "auto"
+    args: argparse.Namespace,
+    model: str,
+    port: int,
+    backend: str,
+    decoding: str = "auto",
+    max_batch: int | None = None,
 ) -> list[str]:
     """``python -m server`` with the benchmark's settings (``decoding``: its
-    ``--decode-on-device``, given only when not the default: older servers have no such flag)."""
+    ``--decode-on-device``, given only when not the default: older servers have no such flag;
+    ``max_batch``: a fixed target and largest batch, instead of ``--batch-size`` and the target
+    the server times at start-up)."""
     return [
         sys.executable, "-m", "server", "--model", model, "--port", str(port),
-        "--device", args.device, "--max-batch-size", str(args.batch_size),
+        "--device", args.device, "--max-batch-size", str(max_batch or args.batch_size),
         "--max-batch-wait-ms", str(args.max_wait_ms), "--max-queue", "1024",
         "--decode-threads", str(args.decode_threads), "--log-level", "warning",
         "--backend", backend,
         *(["--decode-on-device", decoding] if decoding != "auto" else []),
+        *(["--no-warmup"] if max_batch else []),
     ]  # fmt: skip
 
 
@@ -535,8 +555,8 @@ def start_servers(
 ) -> dict[str, tuple[str, int]]:
     """Start every server measured (appending each process to ``procs``); returns name ->
     (URL, pid): ``server``, ``naive`` (unless ``--no-naive``), ``cpu_decoding`` (``--compare-decoding``),
-    ``torch_server`` (for another backend than torch) and ``baseline_<NAME>`` per
-    ``--baseline``."""
+    ``torch_server`` (for another backend than torch), ``baseline_<NAME>`` per ``--baseline``
+    and ``batch_<N>`` per ``--fixed-batches``."""
     plan: dict[str, tuple[list[str], int, Path]] = {}
     port = free_port()
     plan["server"] = (
@@ -562,6 +582,10 @@ def start_servers(
         port = free_port()
         plan[f"baseline_{name}"] = (server_command(args, model, port, args.backend), port,
                                     Path(folder).resolve())  # fmt: skip
+    for n in args.fixed_batches:
+        port = free_port()
+        plan[f"batch_{n}"] = (server_command(args, model, port, args.backend, max_batch=n), port,
+                              REPO)  # fmt: skip
     urls = {}
     for name, (cmd, port, cwd) in plan.items():
         procs.append(start(cmd, port, cwd))
@@ -647,6 +671,7 @@ def level_rows(results: dict[str, list[dict]], bound: float, bound_cpu: float,
             row[f"{name}_busy_cores"] = other["images_per_s"] / other["images_per_cpu_s"]
             row[f"{name}_p50_ms"], row[f"{name}_p99_ms"] = other["p50_ms"], other["p99_ms"]
             row[f"{name}_errors"] = other["errors"]
+            row[f"{name}_vs_bound"] = other["images_per_s"] / bound
             row[f"server_vs_{name}"] = srv["images_per_s"] / other["images_per_s"]
             row[f"server_vs_{name}_per_cpu_s"] = srv["images_per_cpu_s"] / other["images_per_cpu_s"]
         rows.append(row)
@@ -672,13 +697,14 @@ def print_levels(rows: list[dict], others: list[str]) -> None:
     for name in others:
         print(f"\nserver / {name}:")
         print(f"| c | server img/CPU-s | {name} img/CPU-s | ratio (CPU) | ratio (wall) "
-              f"| {name} p99 ms |")  # fmt: skip
-        print("| ---: " * 6 + "|")
+              f"| {name} / bound | {name} p99 ms |")  # fmt: skip
+        print("| ---: " * 7 + "|")
         for r in rows:
             print(
                 f"| {r['concurrency']} | {r['server_images_per_cpu_s']:.2f} "
                 f"| {r[f'{name}_images_per_cpu_s']:.2f} | {r[f'server_vs_{name}_per_cpu_s']:.2f} "
-                f"| {r[f'server_vs_{name}']:.2f} | {r[f'{name}_p99_ms']:.0f} |"
+                f"| {r[f'server_vs_{name}']:.2f} | {r[f'{name}_vs_bound']:.2f} "
+                f"| {r[f'{name}_p99_ms']:.0f} |"
             )
 
 

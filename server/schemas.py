@@ -122,8 +122,9 @@ class ModelCard(BaseModel):
     )
     batch_size: int | None = Field(
         default=None,
-        description="the batch size the batcher aims at and takes at most: the one whose forward "
-        "pass cost least per image when timed at start-up (`batch_timings`), else the maximum",
+        description="the batch size the batcher aims at and takes at most: the largest whose "
+        "forward pass cost at most 5% more per image than the cheapest when timed at start-up "
+        "(`batch_timings`), else the maximum",
     )
     batch_timings: dict[str, float] = Field(
         default_factory=dict,

@@ -89,3 +89,19 @@ def test_the_naive_endpoint_embeds_as_the_extractor_does_under_the_benchmarks_lo
                             bound=100.0, bound_cpu=20.0, batch_s=0.01)  # fmt: skip
     assert rows[0]["server_vs_naive"] == run["images_per_s"]
     assert rows[0]["naive_errors"] == {} and rows[0]["server_vs_bound_per_cpu_s"] == 0.5
+
+
+def test_fixed_batch_servers_get_their_batch_size_and_no_start_up_timing():
+    """``--fixed-batches``: each extra server's command line, as the server's own settings
+    parser reads it, fixes the batch size and turns the start-up timing off; the main server's
+    does neither."""
+    from server.settings import settings_from_args
+
+    args = serve.parse_args(["--backend", "torch", "--fixed-batches", "4", "16"])
+    assert args.fixed_batches == [4, 16]
+    fixed = serve.server_command(args, "local-dir:m", 8000, "torch", max_batch=4)
+    main = serve.server_command(args, "local-dir:m", 8000, "torch")
+    fixed_settings = settings_from_args(fixed[3:])
+    main_settings = settings_from_args(main[3:])
+    assert (fixed_settings.max_batch_size, fixed_settings.warmup) == (4, False)
+    assert main_settings.max_batch_size == args.batch_size != 4 and main_settings.warmup

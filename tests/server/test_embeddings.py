@@ -93,7 +93,9 @@ def test_models_lists_the_served_model_with_its_dimensions(server, tiny_model_di
     # The folder's export-time decoding guard decides, and the card says what it decided.
     guard = json.loads((tiny_model_dir / "ssole.json").read_text())["reduced_decoding"]
     assert card["reduced_decoding"] is guard["passed"]
-    # The batch size aimed at is the one timed cheapest per image at start-up, up to the maximum.
+    # The batch size aimed at is the largest timed within 5% of the cheapest per image at
+    # start-up, up to the maximum.
     timings = {int(n): ms for n, ms in card["batch_timings"].items()}
     assert set(timings) == {1, 2, 4, 8}
-    assert card["batch_size"] == min(timings, key=lambda n: (timings[n], n))
+    least = min(timings.values())
+    assert card["batch_size"] == max(n for n, ms in timings.items() if ms <= 1.05 * least)
