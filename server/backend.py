@@ -153,9 +153,15 @@ class ExtractorBackend:
 
     def warmup(self, batch_size: int) -> dict[int, float]:
         """The backbone's forward pass timed at batch sizes 1, 2, 4, ... up to ``batch_size``
-        (after an untimed pass each, interleaved rounds:
+        (after an untimed pass each, the median of three interleaved rounds:
         :func:`~ssole_hub.runtimes.backends.ms_per_image`): milliseconds per image at each. The
-        projector, if served, gets untimed passes at batch sizes 1 and ``batch_size``."""
+        projector, if served, gets untimed passes at batch sizes 1 and ``batch_size``.
+
+        Three rounds, not two: with two, one disturbed pass moved a size's figure by up to 24%
+        and the cheapest size changed from one start to the next (ResNet-18 in torch on 2 CPU
+        cores, up to batch 64: 8, 32, 8, 8, 16 and 8 in six starts); with three it was 8 in 15
+        of 16 starts, for 7.5 s of warm-up instead of 5.8 (``bench/batch_pick.py``,
+        BENCHMARKS.md)."""
         shape = self.extractor.data_config["input_size"]
         for n in sorted({1, batch_size}) if "projector" in self.dimensions else ():
             self.extractor.embed_tensor(torch.zeros(n, *shape), "projector")
@@ -164,7 +170,7 @@ class ExtractorBackend:
             n: (functools.partial(self.extractor.embed_tensor, torch.zeros(n, *shape)), n)
             for n in sizes
         }  # embed_tensor returns on the CPU: each timed pass is finished
-        return ms_per_image(passes, rounds=2)
+        return ms_per_image(passes, rounds=3)
 
 
 def load_backend(settings: ServerSettings) -> ExtractorBackend:
