@@ -157,11 +157,11 @@ class ExtractorBackend:
         :func:`~ssole_hub.runtimes.backends.ms_per_image`): milliseconds per image at each. The
         projector, if served, gets untimed passes at batch sizes 1 and ``batch_size``.
 
-        Three rounds, not two: with two, one disturbed pass moved a size's figure by up to 24%
-        and the cheapest size changed from one start to the next (ResNet-18 in torch on 2 CPU
-        cores, up to batch 64: 8, 32, 8, 8, 16 and 8 in six starts); with three it was 8 in 15
-        of 16 starts, for 7.5 s of warm-up instead of 5.8 (``bench/batch_pick.py``,
-        BENCHMARKS.md)."""
+        Three rounds, not two: with two, the median is the mean of two passes, and one disturbed
+        pass moved a size's figure by up to 24% (ResNet-18 in torch on 2 CPU cores). The
+        cheapest size still varies between starts (there: 8 in 21 of 26 starts, 4 in 3), which
+        :func:`~server.batcher.efficient_batch` allows for. Warm-up up to batch 64 takes 7.5 s
+        there instead of 5.8 (``bench/batch_pick.py``, BENCHMARKS.md)."""
         shape = self.extractor.data_config["input_size"]
         for n in sorted({1, batch_size}) if "projector" in self.dimensions else ():
             self.extractor.embed_tensor(torch.zeros(n, *shape), "projector")
