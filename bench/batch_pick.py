@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.machine import load_average, machine_record, write_result  # noqa: E402
 from bench.serve import (  # noqa: E402
+    BACKENDS,
     export_onnx_files,
     free_port,
     photo_jpegs,
@@ -68,16 +69,18 @@ def print_table(starts: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model spec (default: random ssole_resnet18)")
-    p.add_argument("--backend", default="torch")
+    p.add_argument("--backend", default="torch", choices=BACKENDS)
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--starts", type=int, default=8)
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "batch_pick.json"))
     args = p.parse_args(argv)
+    if args.starts < 1:
+        p.error(f"--starts must be at least 1, got {args.starts}")
     machine = machine_record()
     print(f"load average before: {machine['load_average_before']}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or random_model_folder(Path(tmp), 224)
-        if args.backend.startswith("onnx") and args.model is None:
+        if args.backend != "torch" and args.model is None:  # auto times the ONNX files too
             export_onnx_files(model, photo_jpegs(), Path(tmp))
         starts = []
         for i in range(args.starts):
