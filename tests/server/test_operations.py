@@ -273,19 +273,20 @@ def test_python_m_server_logs_the_backend_auto_chose_and_the_loaded_model(
     args = ["--model", model, "--port", str(port), "--device", "cpu", "--no-warmup"]
     stderr_path = tmp_path / "stderr.txt"
     server = zygote.start("module", "server", args, REPO_ROOT, dict(os.environ), stderr=stderr_path)
+    url = f"http://127.0.0.1:{port}/ready"
+    client = httpx.Client(timeout=5)  # one client: httpx.get costs ~23 ms of CPU a call
+
+    def ready() -> bool:
+        assert server.poll() is None, stderr_path.read_text()
+        try:
+            return client.get(url).status_code == 200
+        except httpx.TransportError:
+            return False
+
     try:
-        url = f"http://127.0.0.1:{port}/ready"
-
-        def ready() -> bool:
-            assert server.poll() is None, stderr_path.read_text()
-            try:
-                return client.get(url).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        with httpx.Client(timeout=5) as client:  # httpx.get: ~23 ms of CPU a call, every 20 ms
-            wait_until(ready, timeout_s=120)
+        wait_until(ready, timeout_s=120)
     finally:
+        client.close()
         server.terminate()
         server.wait(timeout=30)
     lines = stderr_path.read_text().splitlines()
